@@ -1,0 +1,115 @@
+"""create_app: the routes, the middlewares and the lifetime of every resource."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+
+import aiohttp
+from aiohttp import web
+
+from . import api, ops
+from .appkeys import AI_SERVER, CONVERSATIONS, HTTP_CLIENT, METRICS, SETTINGS, STORE
+from .auth import auth_middleware
+from .config import Settings
+from .conversation import Conversations
+from .errors import Handler, problem_middleware
+from .metrics import Metrics
+from .schema import apply_migrations
+from .store import SqliteStore
+from .upstream import SessionServerClient
+
+log = logging.getLogger(__name__)
+
+
+@web.middleware
+async def metrics_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    started = time.monotonic()
+    response = await handler(request)
+    resource = request.match_info.route.resource
+    route = resource.canonical if resource is not None else "unmatched"
+    request.app[METRICS].requests.labels(request.method, route, str(response.status)).observe(
+        time.monotonic() - started
+    )
+    return response
+
+
+async def database(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    # yoyo is synchronous: keep it off the event loop.
+    await asyncio.to_thread(apply_migrations, settings.db)
+    store = await SqliteStore.open(settings.db, settings.db_synchronous)
+    cut_off = await store.fail_pending_turns()
+    if cut_off:
+        log.warning("event=pending_turns_failed count=%d reason=previous_run_ended_mid_turn", cut_off)
+    app[STORE] = store
+    yield
+    # Turns cancelled by shutdown record their own failure; this catches any
+    # whose write had not started when the handlers were cancelled.
+    await store.fail_pending_turns()
+    await store.close()
+
+
+async def ai_server(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    http = aiohttp.ClientSession(
+        # No cookie jar: the AI session cookie is set by hand per request, so
+        # one conversation's AI session can never leak into another's.
+        cookie_jar=aiohttp.DummyCookieJar(),
+        connector=aiohttp.TCPConnector(limit=settings.max_inflight + 8),
+        timeout=aiohttp.ClientTimeout(total=settings.upstream_timeout),
+    )
+    app[HTTP_CLIENT] = http
+    app[AI_SERVER] = SessionServerClient(
+        http,
+        settings.upstream_url,
+        flavor=settings.upstream_flavor,
+        user=settings.upstream_user,
+        password=settings.upstream_password,
+        timeout=settings.upstream_timeout,
+        observe=app[METRICS].observe_upstream,
+    )
+    yield
+    await http.close()
+
+
+async def conversations(app: web.Application) -> AsyncIterator[None]:
+    service = Conversations(app[STORE], app[AI_SERVER], app[SETTINGS], app[METRICS])
+    app[METRICS].locked_sessions.set_function(lambda: len(service.locks))
+    app[CONVERSATIONS] = service
+    yield
+
+
+async def idempotency_purge(app: web.Application) -> AsyncIterator[None]:
+    async def purge_forever() -> None:
+        ttl = app[SETTINGS].idempotency_ttl
+        while True:
+            try:
+                purged = await app[STORE].purge_idempotency(time.time() - ttl)
+                if purged:
+                    log.info("event=idempotency_purged count=%d", purged)
+            except Exception:
+                log.exception("event=idempotency_purge_failed")
+            await asyncio.sleep(min(ttl / 10, 600))
+
+    task = asyncio.create_task(purge_forever(), name="idempotency-purge")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+def create_app(settings: Settings) -> web.Application:
+    app = web.Application(
+        client_max_size=settings.max_body,
+        middlewares=[metrics_middleware, problem_middleware, auth_middleware],
+    )
+    app[SETTINGS] = settings
+    app[METRICS] = Metrics()
+    app.cleanup_ctx.extend([database, ai_server, conversations, idempotency_purge])
+    app.add_routes(api.routes)
+    app.add_routes(ops.routes)
+    return app

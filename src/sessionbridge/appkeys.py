@@ -1,0 +1,22 @@
+"""Every typed key of the application and request state, in one place."""
+
+from __future__ import annotations
+
+import aiohttp
+from aiohttp import web
+
+from .config import Settings
+from .conversation import Conversations
+from .metrics import Metrics
+from .records import ApiKey
+from .store import Store
+from .upstream import AIServer
+
+SETTINGS = web.AppKey("settings", Settings)
+METRICS = web.AppKey("metrics", Metrics)
+STORE = web.AppKey("store", Store)
+HTTP_CLIENT = web.AppKey("http_client", aiohttp.ClientSession)
+AI_SERVER = web.AppKey("ai_server", AIServer)
+CONVERSATIONS = web.AppKey("conversations", Conversations)
+
+API_KEY = web.RequestKey("api_key", ApiKey)

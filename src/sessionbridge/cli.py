@@ -1,0 +1,256 @@
+"""The command line: serve, demo, migrate, keys."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+import signal
+import socket
+import sys
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+
+from aiohttp import web
+
+from .app import create_app
+from .config import ConfigError, Settings, load_settings
+from .notify import notify, watchdog_interval
+from .schema import apply_migrations, rollback_migrations
+from .store import DuplicateKeyName, SqliteStore
+from .tokens import hash_token, new_token
+
+log = logging.getLogger("sessionbridge")
+
+
+# -- serving -------------------------------------------------------------------------------
+
+
+async def _feed_watchdog(interval: float) -> None:
+    while True:
+        notify("WATCHDOG=1")
+        await asyncio.sleep(interval)
+
+
+async def serve(settings: Settings, banner: str | None = None) -> None:
+    """Run the bridge until SIGTERM or SIGINT, then stop gracefully."""
+    app = create_app(settings)
+    runner = web.AppRunner(
+        app, shutdown_timeout=settings.shutdown_grace, access_log=None, handle_signals=False
+    )
+    # setup() runs the startup half of every cleanup context: migrations and
+    # the database are ready before the socket accepts anything.
+    await runner.setup()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    watchdog: asyncio.Task[None] | None = None
+    try:
+        site = web.TCPSite(runner, settings.host, settings.port)
+        await site.start()
+        # Ready only now that the database is migrated and the port listens.
+        notify("READY=1")
+        log.info(
+            "event=listening url=http://%s:%d upstream=%s flavor=%s db=%s",
+            settings.host, settings.port, settings.upstream_url, settings.upstream_flavor,
+            settings.db,
+        )
+        if banner:
+            print(banner, flush=True)
+        interval = watchdog_interval()
+        if interval:
+            watchdog = asyncio.create_task(_feed_watchdog(interval))
+        await stop.wait()
+        notify("STOPPING=1")
+        log.info("event=stopping grace_seconds=%s", settings.shutdown_grace)
+    finally:
+        if watchdog is not None:
+            watchdog.cancel()
+        # Stops accepting, waits up to the grace period for running turns,
+        # cancels the rest (they record themselves as failed), closes the database.
+        await runner.cleanup()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+    log.info("event=stopped")
+
+
+@contextlib.asynccontextmanager
+async def reference_upstream(settings: Settings) -> AsyncIterator[Settings]:
+    """Start the built-in reference AI server (a test double) on a free loopback port."""
+    from .devserver import DevServerState, create_devserver_app
+
+    state = DevServerState(password="demo-" + os.urandom(8).hex())
+    runner = web.AppRunner(create_devserver_app(state), access_log=None)
+    await runner.setup()
+    # Binding the socket here tells us the free port the system picked.
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    await web.SockSite(runner, sock).start()
+    try:
+        yield dataclasses.replace(
+            settings,
+            upstream_url=f"http://127.0.0.1:{port}",
+            upstream_user=state.user,
+            upstream_password=state.password,
+            upstream_flavor=state.flavor,
+        )
+    finally:
+        await runner.cleanup()
+
+
+async def demo_token(settings: Settings) -> str:
+    """The demo key's token, kept in a file beside the database (only its hash is in it)."""
+    token_file = Path(settings.db + ".demo-token")
+    await asyncio.to_thread(apply_migrations, settings.db)
+    store = await SqliteStore.open(settings.db, settings.db_synchronous)
+    try:
+        if token_file.exists():
+            token = token_file.read_text().strip()
+            if await store.key_for_token_hash(hash_token(token)) is not None:
+                return token
+        await store.revoke_key("demo")  # its token was lost with the file
+        token = new_token()
+        await store.create_key("demo", hash_token(token))
+    finally:
+        await store.close()
+    token_file.touch(mode=0o600)
+    token_file.write_text(token + "\n")
+    return token
+
+
+def demo_banner(settings: Settings, token: str, reference: bool) -> str:
+    base = f"http://{settings.host}:{settings.port}"
+    ai = "the built-in reference AI server (a test double, not a model)" if reference \
+        else settings.upstream_url
+    return f"""
+sessionbridge is listening on {base}
+AI server: {ai}
+Demo API key: {token}
+
+Try a conversation (paste into another terminal):
+
+  export SB={base} TOKEN={token}
+  SESSION=$(curl -s -X POST $SB/v1/sessions -H "Authorization: Bearer $TOKEN" \\
+      -d '{{"scenario": "You are a friendly travel guide."}}' | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
+  curl -s -X POST $SB/v1/sessions/$SESSION/messages -H "Authorization: Bearer $TOKEN" -d '{{"content": "Hello!"}}'
+  curl -s -X POST $SB/v1/sessions/$SESSION/messages -H "Authorization: Bearer $TOKEN" -d '{{"content": "And tomorrow?"}}'
+  curl -s $SB/v1/sessions/$SESSION/messages -H "Authorization: Bearer $TOKEN"
+
+Stop with Ctrl-C.
+"""
+
+
+async def demo(settings: Settings) -> None:
+    token = await demo_token(settings)
+    if settings.upstream_url:
+        await serve(settings, demo_banner(settings, token, reference=False))
+        return
+    async with reference_upstream(settings) as with_reference:
+        await serve(with_reference, demo_banner(with_reference, token, reference=True))
+
+
+# -- keys --------------------------------------------------------------------------------------
+
+
+async def keys_command(settings: Settings, action: str, name: str | None) -> int:
+    await asyncio.to_thread(apply_migrations, settings.db)
+    store = await SqliteStore.open(settings.db, settings.db_synchronous)
+    try:
+        if action == "create":
+            assert name is not None
+            token = new_token()
+            try:
+                await store.create_key(name, hash_token(token))
+            except DuplicateKeyName:
+                print(f"a live key named {name!r} exists; revoke it first", file=sys.stderr)
+                return 1
+            print(f"created API key {name!r}; the token is shown once, store it now:")
+            print(token)
+            return 0
+        if action == "list":
+            for key in await store.list_keys():
+                state = f"revoked {key.revoked_at}" if key.revoked_at else "live"
+                print(f"{key.name}\tcreated {key.created_at}\t{state}")
+            return 0
+        assert name is not None
+        if not await store.revoke_key(name):
+            print(f"no live key named {name!r}", file=sys.stderr)
+            return 1
+        print(f"revoked API key {name!r}")
+        return 0
+    finally:
+        await store.close()
+
+
+# -- argument parsing ----------------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sessionbridge", description=__doc__)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", help="TOML file of settings (SESSIONBRIDGE_CONFIG)")
+    common.add_argument("--db", help="SQLite database path (SESSIONBRIDGE_DB)")
+    common.add_argument("--log-level", dest="log_level", help="DEBUG, INFO, WARNING ...")
+    serving = argparse.ArgumentParser(add_help=False)
+    serving.add_argument("--host", help="address to listen on (SESSIONBRIDGE_HOST)")
+    serving.add_argument("--port", type=int, help="port to listen on (SESSIONBRIDGE_PORT)")
+    serving.add_argument("--upstream", dest="upstream_url",
+                         help="AI server base URL (SESSIONBRIDGE_UPSTREAM_URL)")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("serve", parents=[common, serving], help="run the bridge")
+    commands.add_parser(
+        "demo", parents=[common, serving],
+        help="run the bridge with a demo key, and the reference AI server unless one is set",
+    )
+    commands.add_parser("migrate", parents=[common], help="apply pending migrations")
+    keys = commands.add_parser("keys", help="manage API keys")
+    key_actions = keys.add_subparsers(dest="action", required=True)
+    key_actions.add_parser("create", parents=[common]).add_argument("name")
+    key_actions.add_parser("list", parents=[common])
+    key_actions.add_parser("revoke", parents=[common]).add_argument("name")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    overrides = {
+        name: getattr(args, name, None)
+        for name in ("host", "port", "db", "upstream_url", "log_level")
+    }
+    try:
+        settings = load_settings(overrides, config_file=args.config)
+    except ConfigError as exc:
+        print(f"sessionbridge: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+    logging.getLogger("yoyo").setLevel(logging.WARNING)
+    if args.command == "serve":
+        if not settings.upstream_url:
+            print(
+                "sessionbridge: no AI server configured: set SESSIONBRIDGE_UPSTREAM_URL or"
+                " --upstream (or try `sessionbridge demo`)",
+                file=sys.stderr,
+            )
+            return 2
+        asyncio.run(serve(settings))
+        return 0
+    if args.command == "demo":
+        asyncio.run(demo(settings))
+        return 0
+    if args.command == "migrate":
+        applied = apply_migrations(settings.db)
+        print(f"applied {applied} migration(s) to {settings.db}")
+        return 0
+    return asyncio.run(keys_command(settings, args.action, getattr(args, "name", None)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

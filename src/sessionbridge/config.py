@@ -1,0 +1,160 @@
+"""Settings: defaults, an optional TOML file, the environment and command-line flags.
+
+Precedence, lowest to highest: built-in defaults, the TOML file (``--config``),
+``SESSIONBRIDGE_*`` environment variables, command-line flags. Every setting has
+one name; the environment variable is ``SESSIONBRIDGE_`` + the name in upper
+case, and the TOML key is the name itself (``upstream_url = "..."``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "SESSIONBRIDGE_"
+FLAVORS = ("scenario", "init-session")
+SYNCHRONOUS_MODES = ("NORMAL", "FULL")
+
+
+class ConfigError(ValueError):
+    """A setting has a value the bridge cannot run with."""
+
+
+@dataclass(frozen=True)
+class TokenRange:
+    low: int
+    high: int
+
+    def __contains__(self, value: object) -> bool:
+        return isinstance(value, int) and self.low <= value <= self.high
+
+    def __str__(self) -> str:
+        return f"{self.low}-{self.high}"
+
+    @classmethod
+    def parse(cls, text: str) -> TokenRange:
+        low_text, sep, high_text = text.partition("-")
+        try:
+            low, high = int(low_text), int(high_text)
+        except ValueError:
+            raise ConfigError(f"max tokens range must look like 10-500, not {text!r}") from None
+        if not sep or low < 1 or high < low:
+            raise ConfigError(f"max tokens range must look like 10-500, not {text!r}")
+        return cls(low, high)
+
+
+@dataclass(frozen=True)
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    db: str = "sessionbridge.db"
+    # Durability of a commit: NORMAL survives a crash of the process (kill -9);
+    # FULL also survives power loss, at one fsync per commit.
+    db_synchronous: str = "NORMAL"
+    upstream_url: str = ""
+    upstream_user: str = ""
+    upstream_password: str = field(default="", repr=False)
+    upstream_flavor: str = "scenario"
+    upstream_max_tokens: TokenRange = TokenRange(10, 500)
+    # A real model takes seconds to minutes; the later generation alone caps
+    # generation at 30 s, so the default sits well above that.
+    upstream_timeout: float = 120.0
+    # How long /readyz waits for the AI server's /health before it decides.
+    health_timeout: float = 2.0
+    # A /health that times out still counts as ready when an AI-server call
+    # succeeded this recently: the server answers one request at a time.
+    ready_grace: float = 300.0
+    default_max_tokens: int = 256
+    empty_reply_retries: int = 2
+    recovery_budget: int = 6000
+    max_body: int = 64 * 1024
+    max_scenario_chars: int = 16_000
+    max_content_chars: int = 16_000
+    max_title_chars: int = 200
+    session_queue: int = 8
+    max_inflight: int = 32
+    shutdown_grace: float = 30.0
+    idempotency_ttl: float = 24 * 3600.0
+    log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        if self.upstream_flavor not in FLAVORS:
+            raise ConfigError(f"upstream_flavor must be one of {', '.join(FLAVORS)}")
+        if self.db_synchronous not in SYNCHRONOUS_MODES:
+            raise ConfigError("db_synchronous must be NORMAL or FULL")
+        if not 0 < self.port < 65536:
+            raise ConfigError("port must be between 1 and 65535")
+        for name in ("upstream_timeout", "health_timeout", "max_body", "max_inflight"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive")
+        for name in ("empty_reply_retries", "recovery_budget", "session_queue",
+                     "shutdown_grace", "ready_grace"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must not be negative")
+
+    @property
+    def session_max_tokens_default(self) -> int:
+        """The max_tokens a session gets when its creator names none, kept inside the range."""
+        limits = self.upstream_max_tokens
+        return min(max(self.default_max_tokens, limits.low), limits.high)
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
+
+
+def _convert(name: str, raw: Any) -> Any:
+    kind = _FIELDS[name].type
+    try:
+        if kind == "TokenRange":
+            return raw if isinstance(raw, TokenRange) else TokenRange.parse(str(raw))
+        if kind == "int":
+            if isinstance(raw, bool):
+                raise ValueError
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+        if name == "db_synchronous":
+            return str(raw).upper()
+        return str(raw)
+    except ValueError:
+        raise ConfigError(f"{name}: {raw!r} is not a valid {kind}") from None
+
+
+def load_settings(
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    config_file: str | os.PathLike[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Settings:
+    """Build Settings from the TOML file, then the environment, then ``overrides`` (flags).
+
+    ``overrides`` entries that are None are ignored, so argparse results can be
+    passed as they are.
+    """
+    values: dict[str, Any] = {}
+    env = os.environ if environ is None else environ
+    path = config_file or env.get(ENV_PREFIX + "CONFIG")
+    if path:
+        try:
+            with Path(path).open("rb") as handle:
+                document = tomllib.load(handle)
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc}") from exc
+        for key, raw in document.items():
+            name = key.replace("-", "_")
+            if name not in _FIELDS:
+                raise ConfigError(f"unknown setting {key!r} in {path}")
+            values[name] = _convert(name, raw)
+    for name in _FIELDS:
+        raw_env = env.get(ENV_PREFIX + name.upper())
+        if raw_env is not None and raw_env != "":
+            values[name] = _convert(name, raw_env)
+    for name, raw in (overrides or {}).items():
+        if raw is not None:
+            values[name] = _convert(name, raw)
+    return Settings(**values)

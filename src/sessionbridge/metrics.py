@@ -1,0 +1,62 @@
+"""Prometheus instruments, kept in a registry of the app's own (no global state)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+
+# Client requests take milliseconds without the AI server and up to minutes with it.
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        # The *_created series double the output and say nothing a scraper
+        # needs; the switch is the library's own, process-wide.
+        disable_created_metrics()
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.ai_sessions = Counter(
+            "sessionbridge_ai_sessions",
+            "AI sessions used by turns, by how they were obtained.",
+            ["kind"],
+            registry=self.registry,
+        )
+        for kind in ("created", "reused", "recovered"):
+            self.ai_sessions.labels(kind)
+        self.turns = Counter(
+            "sessionbridge_turns",
+            "Finished turns by outcome (answered or an error code).",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.requests = Histogram(
+            "sessionbridge_request_duration_seconds",
+            "Client requests by route, method and status.",
+            ["method", "route", "status"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.upstream_calls = Histogram(
+            "sessionbridge_upstream_duration_seconds",
+            "AI-server calls by endpoint and outcome.",
+            ["endpoint", "outcome"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.empty_replies = Counter(
+            "sessionbridge_upstream_empty_replies",
+            "Empty or blank replies from the AI server.",
+            registry=self.registry,
+        )
+        self.inflight = Gauge(
+            "sessionbridge_turns_in_flight",
+            "Turns currently calling the AI server.",
+            registry=self.registry,
+        )
+        self.locked_sessions = Gauge(
+            "sessionbridge_locked_sessions",
+            "Sessions with a turn running or waiting.",
+            registry=self.registry,
+        )
+
+    def observe_upstream(self, endpoint: str, outcome: str, seconds: float) -> None:
+        self.upstream_calls.labels(endpoint, outcome).observe(seconds)

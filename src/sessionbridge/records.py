@@ -1,0 +1,85 @@
+"""Records passed between the storage layer, the conversation logic and the API."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+Role = Literal["user", "assistant"]
+MessageStatus = Literal["pending", "answered", "failed"]
+AISessionKind = Literal["created", "reused", "recovered"]
+
+
+def utc_now() -> str:
+    """The current time as RFC 3339 in UTC, to the millisecond."""
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKey:
+    id: int
+    name: str
+    created_at: str
+    revoked_at: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ChatSession:
+    pk: int
+    id: str
+    api_key_id: int
+    title: str | None
+    scenario: str
+    max_tokens: int
+    ai_session_id: str | None
+    message_count: int
+    created_at: str
+    updated_at: str
+
+    def public(self) -> dict[str, Any]:
+        # ai_session_id is the AI server's credential: it never leaves the bridge.
+        return {
+            "id": self.id,
+            "title": self.title,
+            "scenario": self.scenario,
+            "max_tokens": self.max_tokens,
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
+            "message_count": self.message_count,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    pk: int
+    id: str
+    seq: int
+    role: Role
+    content: str
+    status: MessageStatus
+    created_at: str
+
+    def public(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "seq": self.seq,
+            "role": self.role,
+            "content": self.content,
+            "status": self.status,
+            "created_at": self.created_at,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class IdempotencyRecord:
+    fingerprint: str
+    state: Literal["in_progress", "succeeded", "failed"]
+    user_message_pk: int | None
+    ai_session: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class TranscriptTurn:
+    user: str
+    assistant: str

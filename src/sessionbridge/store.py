@@ -1,0 +1,457 @@
+"""Storage: the Store interface and its SQLite implementation (the only SQL outside migrations/).
+
+SQLite runs in WAL mode behind two aiosqlite connections: one writer whose
+transactions are taken one at a time under an asyncio.Lock (a transaction
+belongs to the connection, so two coroutines sharing it could commit each
+other's half-done work), and one reader that never waits for the writer.
+A turn's rows are committed before the client is answered; with
+``synchronous=NORMAL`` in WAL mode a commit survives a crash of the process,
+``FULL`` also survives power loss.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any, Protocol
+
+import aiosqlite
+
+from .records import (
+    AISessionKind,
+    ApiKey,
+    ChatSession,
+    IdempotencyRecord,
+    Message,
+    TranscriptTurn,
+    utc_now,
+)
+
+
+class DuplicateKeyName(Exception):
+    """A live API key already has this name."""
+
+
+class Store(Protocol):
+    """What the bridge needs from storage; SqliteStore is the one implementation."""
+
+    async def ping(self) -> None: ...
+    async def close(self) -> None: ...
+
+    async def create_key(self, name: str, token_hash: bytes) -> ApiKey: ...
+    async def list_keys(self) -> list[ApiKey]: ...
+    async def revoke_key(self, name: str) -> bool: ...
+    async def key_for_token_hash(self, token_hash: bytes) -> ApiKey | None: ...
+
+    async def create_session(
+        self, api_key_id: int, title: str | None, scenario: str, max_tokens: int
+    ) -> ChatSession: ...
+    async def get_session(self, api_key_id: int, session_id: str) -> ChatSession | None: ...
+    async def list_sessions(
+        self, api_key_id: int, limit: int, before_pk: int | None
+    ) -> list[ChatSession]: ...
+    async def delete_session(self, api_key_id: int, session_id: str) -> bool: ...
+
+    async def list_messages(
+        self, session_pk: int, limit: int, after_seq: int | None
+    ) -> list[Message]: ...
+    async def get_message(self, session_pk: int, message_pk: int) -> Message | None: ...
+    async def answer_to(self, session_pk: int, user_seq: int) -> Message | None: ...
+    async def recent_turns(self, session_pk: int, budget_chars: int) -> list[TranscriptTurn]: ...
+
+    async def begin_turn(
+        self,
+        session_pk: int,
+        content: str,
+        *,
+        retry_message_pk: int | None = None,
+        idempotency: IdempotencyStart | None = None,
+    ) -> Message: ...
+    async def set_ai_session(self, session_pk: int, ai_session_id: str) -> None: ...
+    async def finish_turn(
+        self,
+        session_pk: int,
+        user_message_pk: int,
+        reply: str,
+        kind: AISessionKind,
+        idempotency: IdempotencyStart | None = None,
+    ) -> Message: ...
+    async def fail_turn(
+        self,
+        session_pk: int,
+        user_message_pk: int,
+        idempotency: IdempotencyStart | None = None,
+    ) -> None: ...
+
+    async def get_idempotency(self, api_key_id: int, key: str) -> IdempotencyRecord | None: ...
+    async def purge_idempotency(self, older_than: float) -> int: ...
+    async def fail_pending_turns(self) -> int: ...
+
+
+class IdempotencyStart:
+    """An Idempotency-Key being answered: who sent it, the key and the body's fingerprint."""
+
+    __slots__ = ("api_key_id", "key", "fingerprint", "created_at")
+
+    def __init__(self, api_key_id: int, key: str, fingerprint: str, created_at: float) -> None:
+        self.api_key_id = api_key_id
+        self.key = key
+        self.fingerprint = fingerprint
+        self.created_at = created_at
+
+
+_SESSION_COLUMNS = (
+    "pk, id, api_key_id, title, scenario, max_tokens, ai_session_id,"
+    " message_count, created_at, updated_at"
+)
+_MESSAGE_COLUMNS = "pk, id, seq, role, content, status, created_at"
+
+
+def _session(row: sqlite3.Row | tuple[Any, ...]) -> ChatSession:
+    return ChatSession(*row)
+
+
+def _message(row: sqlite3.Row | tuple[Any, ...]) -> Message:
+    return Message(*row)
+
+
+async def _connect(path: str, synchronous: str) -> aiosqlite.Connection:
+    # isolation_level=None: transactions are begun explicitly (BEGIN IMMEDIATE),
+    # never implicitly by the sqlite3 module.
+    db = await aiosqlite.connect(path, isolation_level=None)
+    await db.execute("PRAGMA journal_mode=WAL")
+    await db.execute(f"PRAGMA synchronous={synchronous}")
+    await db.execute("PRAGMA foreign_keys=ON")
+    await db.execute("PRAGMA busy_timeout=5000")
+    return db
+
+
+class SqliteStore:
+    def __init__(self, writer: aiosqlite.Connection, reader: aiosqlite.Connection) -> None:
+        self._writer = writer
+        self._reader = reader
+        self._write_lock = asyncio.Lock()
+
+    @classmethod
+    async def open(cls, path: str, synchronous: str = "NORMAL") -> SqliteStore:
+        """Open a migrated database (see schema.apply_migrations)."""
+        writer = await _connect(path, synchronous)
+        try:
+            reader = await _connect(path, synchronous)
+        except BaseException:
+            await writer.close()
+            raise
+        return cls(writer, reader)
+
+    async def close(self) -> None:
+        async with self._write_lock:
+            await self._reader.close()
+            await self._writer.close()
+
+    async def ping(self) -> None:
+        await self._reader.execute_fetchall("SELECT 1")
+
+    @asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
+        async with self._write_lock:
+            await self._writer.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._writer
+            except BaseException:
+                await self._writer.execute("ROLLBACK")
+                raise
+            await self._writer.execute("COMMIT")
+
+    async def _fetchone(self, sql: str, params: tuple[Any, ...]) -> sqlite3.Row | None:
+        rows = await self._reader.execute_fetchall(sql, params)
+        return next(iter(rows), None)
+
+    # -- API keys ---------------------------------------------------------
+
+    async def create_key(self, name: str, token_hash: bytes) -> ApiKey:
+        created_at = utc_now()
+        try:
+            async with self._transaction() as db:
+                cursor = await db.execute(
+                    "INSERT INTO api_keys (name, token_hash, created_at) VALUES (?, ?, ?)",
+                    (name, token_hash, created_at),
+                )
+                key_id = cursor.lastrowid
+        except sqlite3.IntegrityError as exc:
+            raise DuplicateKeyName(name) from exc
+        assert key_id is not None
+        return ApiKey(key_id, name, created_at)
+
+    async def list_keys(self) -> list[ApiKey]:
+        rows = await self._reader.execute_fetchall(
+            "SELECT id, name, created_at, revoked_at FROM api_keys ORDER BY id"
+        )
+        return [ApiKey(*row) for row in rows]
+
+    async def revoke_key(self, name: str) -> bool:
+        async with self._transaction() as db:
+            cursor = await db.execute(
+                "UPDATE api_keys SET revoked_at = ? WHERE name = ? AND revoked_at IS NULL",
+                (utc_now(), name),
+            )
+            return cursor.rowcount > 0
+
+    async def key_for_token_hash(self, token_hash: bytes) -> ApiKey | None:
+        row = await self._fetchone(
+            "SELECT id, name, created_at, revoked_at FROM api_keys"
+            " WHERE token_hash = ? AND revoked_at IS NULL",
+            (token_hash,),
+        )
+        return None if row is None else ApiKey(*row)
+
+    # -- chat sessions ------------------------------------------------------
+
+    async def create_session(
+        self, api_key_id: int, title: str | None, scenario: str, max_tokens: int
+    ) -> ChatSession:
+        session_id = str(uuid.uuid4())
+        now = utc_now()
+        async with self._transaction() as db:
+            cursor = await db.execute(
+                "INSERT INTO chat_sessions (id, api_key_id, title, scenario, max_tokens,"
+                " created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (session_id, api_key_id, title, scenario, max_tokens, now, now),
+            )
+            pk = cursor.lastrowid
+        assert pk is not None
+        return ChatSession(pk, session_id, api_key_id, title, scenario, max_tokens, None, 0, now, now)
+
+    async def get_session(self, api_key_id: int, session_id: str) -> ChatSession | None:
+        row = await self._fetchone(
+            f"SELECT {_SESSION_COLUMNS} FROM chat_sessions WHERE id = ? AND api_key_id = ?",
+            (session_id, api_key_id),
+        )
+        return None if row is None else _session(row)
+
+    async def list_sessions(
+        self, api_key_id: int, limit: int, before_pk: int | None
+    ) -> list[ChatSession]:
+        rows = await self._reader.execute_fetchall(
+            f"SELECT {_SESSION_COLUMNS} FROM chat_sessions"
+            " WHERE api_key_id = ? AND pk < ? ORDER BY pk DESC LIMIT ?",
+            (api_key_id, before_pk if before_pk is not None else 2**63 - 1, limit),
+        )
+        return [_session(row) for row in rows]
+
+    async def delete_session(self, api_key_id: int, session_id: str) -> bool:
+        async with self._transaction() as db:
+            cursor = await db.execute(
+                "DELETE FROM chat_sessions WHERE id = ? AND api_key_id = ?",
+                (session_id, api_key_id),
+            )
+            return cursor.rowcount > 0
+
+    # -- messages ---------------------------------------------------------------
+
+    async def list_messages(
+        self, session_pk: int, limit: int, after_seq: int | None
+    ) -> list[Message]:
+        rows = await self._reader.execute_fetchall(
+            f"SELECT {_MESSAGE_COLUMNS} FROM messages"
+            " WHERE session_pk = ? AND seq > ? ORDER BY seq LIMIT ?",
+            (session_pk, after_seq or 0, limit),
+        )
+        return [_message(row) for row in rows]
+
+    async def get_message(self, session_pk: int, message_pk: int) -> Message | None:
+        row = await self._fetchone(
+            f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE session_pk = ? AND pk = ?",
+            (session_pk, message_pk),
+        )
+        return None if row is None else _message(row)
+
+    async def answer_to(self, session_pk: int, user_seq: int) -> Message | None:
+        row = await self._fetchone(
+            f"SELECT {_MESSAGE_COLUMNS} FROM messages"
+            " WHERE session_pk = ? AND seq = ? AND role = 'assistant'",
+            (session_pk, user_seq + 1),
+        )
+        return None if row is None else _message(row)
+
+    async def recent_turns(self, session_pk: int, budget_chars: int) -> list[TranscriptTurn]:
+        """The most recent answered turns, oldest first, whose text fits the budget.
+
+        Turns are taken newest first until the next one would not fit, so the
+        newest context always survives. Failed questions have no answer and
+        are left out.
+        """
+        if budget_chars <= 0:
+            return []
+        turns: list[TranscriptTurn] = []
+        used = 0
+        async with self._reader.execute(
+            "SELECT q.content, a.content FROM messages AS a"
+            " JOIN messages AS q ON q.session_pk = a.session_pk AND q.seq = a.seq - 1"
+            " WHERE a.session_pk = ? AND a.role = 'assistant' AND q.role = 'user'"
+            " AND q.status = 'answered' ORDER BY a.seq DESC",
+            (session_pk,),
+        ) as cursor:
+            async for user_text, assistant_text in cursor:
+                used += len(user_text) + len(assistant_text)
+                if used > budget_chars:
+                    break
+                turns.append(TranscriptTurn(user_text, assistant_text))
+        turns.reverse()
+        return turns
+
+    # -- turns ----------------------------------------------------------------------
+
+    async def begin_turn(
+        self,
+        session_pk: int,
+        content: str,
+        *,
+        retry_message_pk: int | None = None,
+        idempotency: IdempotencyStart | None = None,
+    ) -> Message:
+        """Store the user message as pending (or take a failed one up again), in one transaction."""
+        now = utc_now()
+        async with self._transaction() as db:
+            if retry_message_pk is None:
+                message = await self._insert_message(db, session_pk, "user", content, "pending", now)
+            else:
+                message = await self._retake_message(db, session_pk, retry_message_pk, now)
+            if idempotency is not None:
+                await db.execute(
+                    "INSERT INTO idempotency_keys (api_key_id, key, fingerprint, session_pk,"
+                    " user_message_pk, state, created_at) VALUES (?, ?, ?, ?, ?, 'in_progress', ?)"
+                    " ON CONFLICT (api_key_id, key) DO UPDATE SET state = 'in_progress',"
+                    " user_message_pk = excluded.user_message_pk",
+                    (
+                        idempotency.api_key_id,
+                        idempotency.key,
+                        idempotency.fingerprint,
+                        session_pk,
+                        message.pk,
+                        idempotency.created_at,
+                    ),
+                )
+        return message
+
+    async def _insert_message(
+        self,
+        db: aiosqlite.Connection,
+        session_pk: int,
+        role: str,
+        content: str,
+        status: str,
+        now: str,
+    ) -> Message:
+        rows = await db.execute_fetchall(
+            "UPDATE chat_sessions SET last_seq = last_seq + 1, message_count = message_count + 1,"
+            " updated_at = ? WHERE pk = ? RETURNING last_seq",
+            (now, session_pk),
+        )
+        seq = next(iter(rows))[0]
+        message_id = str(uuid.uuid4())
+        cursor = await db.execute(
+            "INSERT INTO messages (id, session_pk, seq, role, content, status, created_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (message_id, session_pk, seq, role, content, status, now),
+        )
+        assert cursor.lastrowid is not None
+        return Message(cursor.lastrowid, message_id, seq, role, content, status, now)  # type: ignore[arg-type]
+
+    async def _retake_message(
+        self, db: aiosqlite.Connection, session_pk: int, message_pk: int, now: str
+    ) -> Message:
+        # A retried question keeps its row; it moves to the end of the
+        # conversation when other messages came after it, so that its answer
+        # is stored right after it (seq of a question and its answer are consecutive).
+        rows = await db.execute_fetchall(
+            "UPDATE messages SET status = 'pending', seq = CASE"
+            " WHEN seq = (SELECT last_seq FROM chat_sessions WHERE pk = ?) THEN seq"
+            " ELSE (SELECT last_seq + 1 FROM chat_sessions WHERE pk = ?) END"
+            f" WHERE pk = ? AND session_pk = ? RETURNING {_MESSAGE_COLUMNS}",
+            (session_pk, session_pk, message_pk, session_pk),
+        )
+        message = _message(next(iter(rows)))
+        await db.execute(
+            "UPDATE chat_sessions SET last_seq = max(last_seq, ?), updated_at = ? WHERE pk = ?",
+            (message.seq, now, session_pk),
+        )
+        return message
+
+    async def set_ai_session(self, session_pk: int, ai_session_id: str) -> None:
+        async with self._transaction() as db:
+            await db.execute(
+                "UPDATE chat_sessions SET ai_session_id = ? WHERE pk = ?",
+                (ai_session_id, session_pk),
+            )
+
+    async def finish_turn(
+        self,
+        session_pk: int,
+        user_message_pk: int,
+        reply: str,
+        kind: AISessionKind,
+        idempotency: IdempotencyStart | None = None,
+    ) -> Message:
+        """Store the answer and mark its question answered, in one transaction."""
+        now = utc_now()
+        async with self._transaction() as db:
+            answer = await self._insert_message(db, session_pk, "assistant", reply, "answered", now)
+            await db.execute(
+                "UPDATE messages SET status = 'answered' WHERE pk = ?", (user_message_pk,)
+            )
+            if idempotency is not None:
+                await db.execute(
+                    "UPDATE idempotency_keys SET state = 'succeeded', ai_session = ?"
+                    " WHERE api_key_id = ? AND key = ?",
+                    (kind, idempotency.api_key_id, idempotency.key),
+                )
+        return answer
+
+    async def fail_turn(
+        self,
+        session_pk: int,
+        user_message_pk: int,
+        idempotency: IdempotencyStart | None = None,
+    ) -> None:
+        async with self._transaction() as db:
+            await db.execute(
+                "UPDATE messages SET status = 'failed' WHERE pk = ? AND status = 'pending'",
+                (user_message_pk,),
+            )
+            if idempotency is not None:
+                await db.execute(
+                    "UPDATE idempotency_keys SET state = 'failed' WHERE api_key_id = ? AND key = ?",
+                    (idempotency.api_key_id, idempotency.key),
+                )
+
+    # -- idempotency and crash recovery --------------------------------------------------
+
+    async def get_idempotency(self, api_key_id: int, key: str) -> IdempotencyRecord | None:
+        row = await self._fetchone(
+            "SELECT fingerprint, state, user_message_pk, ai_session FROM idempotency_keys"
+            " WHERE api_key_id = ? AND key = ?",
+            (api_key_id, key),
+        )
+        return None if row is None else IdempotencyRecord(*row)
+
+    async def purge_idempotency(self, older_than: float) -> int:
+        async with self._transaction() as db:
+            cursor = await db.execute(
+                "DELETE FROM idempotency_keys WHERE created_at < ? AND state != 'in_progress'",
+                (older_than,),
+            )
+            return cursor.rowcount
+
+    async def fail_pending_turns(self) -> int:
+        """Mark turns cut off by a crash or shutdown as failed; return how many."""
+        async with self._transaction() as db:
+            cursor = await db.execute(
+                "UPDATE messages SET status = 'failed' WHERE status = 'pending'"
+            )
+            await db.execute(
+                "UPDATE idempotency_keys SET state = 'failed' WHERE state = 'in_progress'"
+            )
+            return cursor.rowcount
