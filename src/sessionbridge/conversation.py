@@ -31,7 +31,14 @@ from .errors import (
 )
 from .locks import SessionLocks
 from .metrics import Metrics
-from .records import AISessionKind, ApiKey, ChatSession, Message, TranscriptTurn
+from .records import (
+    AISessionKind,
+    ApiKey,
+    ChatSession,
+    IdempotencyRecord,
+    Message,
+    TranscriptTurn,
+)
 from .store import IdempotencyStart, Store
 from .upstream import AIServer
 
@@ -98,11 +105,8 @@ class Conversations:
         max_tokens: int | None,
         idempotency_key: str | None = None,
     ) -> TurnResult:
-        session = await self._store.get_session(key.id, session_id)
-        if session is None:
-            raise NotFound("no such session")
         if idempotency_key is None:
-            return await self._turn(key, session.id, content, max_tokens, None, None)
+            return await self._turn(key, session_id, content, max_tokens, None, None)
 
         fingerprint = request_fingerprint(session_id, content, max_tokens)
         slot = (key.id, idempotency_key)
@@ -119,23 +123,24 @@ class Conversations:
                 if record.fingerprint != fingerprint:
                     raise IdempotencyMismatch("this Idempotency-Key was used with another body")
                 if record.state == "succeeded":
-                    return await self._replay(session, record.user_message_pk, record.ai_session)
+                    return await self._replay(key, session_id, record)
                 # A failed attempt is tried again on the same question row.
                 retry_message_pk = record.user_message_pk
             idempotency = IdempotencyStart(key.id, idempotency_key, fingerprint, time.time())
             return await self._turn(
-                key, session.id, content, max_tokens, idempotency, retry_message_pk
+                key, session_id, content, max_tokens, idempotency, retry_message_pk
             )
         finally:
             del self._running_keys[slot]
 
-    async def _replay(
-        self, session: ChatSession, user_message_pk: int | None, kind: str | None
-    ) -> TurnResult:
-        question = None
-        if user_message_pk is not None:
-            question = await self._store.get_message(session.pk, user_message_pk)
+    async def _replay(self, key: ApiKey, session_id: str, record: IdempotencyRecord) -> TurnResult:
+        """The first outcome again, rebuilt from the stored question and its answer."""
+        session = await self._store.get_session(key.id, session_id)
+        if session is None or record.user_message_pk is None:
+            raise NotFound("no such session")
+        question = await self._store.get_message(session.pk, record.user_message_pk)
         answer = None if question is None else await self._store.answer_to(session.pk, question.seq)
+        kind = record.ai_session
         if question is None or answer is None or kind not in ("created", "reused", "recovered"):
             raise NotFound("the outcome of this Idempotency-Key is no longer stored")
         return TurnResult(question, answer, kind)  # type: ignore[arg-type]

@@ -26,6 +26,8 @@ from .records import (
     ChatSession,
     IdempotencyRecord,
     Message,
+    MessageStatus,
+    Role,
     TranscriptTurn,
     utc_now,
 )
@@ -174,16 +176,13 @@ class SqliteStore:
     async def create_key(self, name: str, token_hash: bytes) -> ApiKey:
         created_at = utc_now()
         try:
-            async with self._transaction() as db:
-                cursor = await db.execute(
-                    "INSERT INTO api_keys (name, token_hash, created_at) VALUES (?, ?, ?)",
-                    (name, token_hash, created_at),
-                )
-                key_id = cursor.lastrowid
+            rows = await self._write(
+                "INSERT INTO api_keys (name, token_hash, created_at) VALUES (?, ?, ?) RETURNING id",
+                (name, token_hash, created_at),
+            )
         except sqlite3.IntegrityError as exc:
             raise DuplicateKeyName(name) from exc
-        assert key_id is not None
-        return ApiKey(key_id, name, created_at)
+        return ApiKey(rows[0][0], name, created_at)
 
     async def list_keys(self) -> list[ApiKey]:
         rows = await self._reader.execute_fetchall(
@@ -192,12 +191,11 @@ class SqliteStore:
         return [ApiKey(*row) for row in rows]
 
     async def revoke_key(self, name: str) -> bool:
-        async with self._transaction() as db:
-            cursor = await db.execute(
-                "UPDATE api_keys SET revoked_at = ? WHERE name = ? AND revoked_at IS NULL",
-                (utc_now(), name),
-            )
-            return cursor.rowcount > 0
+        rows = await self._write(
+            "UPDATE api_keys SET revoked_at = ? WHERE name = ? AND revoked_at IS NULL RETURNING id",
+            (utc_now(), name),
+        )
+        return bool(rows)
 
     async def key_for_token_hash(self, token_hash: bytes) -> ApiKey | None:
         row = await self._fetchone(
@@ -214,14 +212,12 @@ class SqliteStore:
     ) -> ChatSession:
         session_id = str(uuid.uuid4())
         now = utc_now()
-        async with self._transaction() as db:
-            cursor = await db.execute(
-                "INSERT INTO chat_sessions (id, api_key_id, title, scenario, max_tokens,"
-                " created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (session_id, api_key_id, title, scenario, max_tokens, now, now),
-            )
-            pk = cursor.lastrowid
-        assert pk is not None
+        rows = await self._write(
+            "INSERT INTO chat_sessions (id, api_key_id, title, scenario, max_tokens,"
+            " created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING pk",
+            (session_id, api_key_id, title, scenario, max_tokens, now, now),
+        )
+        pk = rows[0][0]
         return ChatSession(pk, session_id, api_key_id, title, scenario, max_tokens, None, 0, now, now)
 
     async def get_session(self, api_key_id: int, session_id: str) -> ChatSession | None:
@@ -242,12 +238,11 @@ class SqliteStore:
         return [_session(row) for row in rows]
 
     async def delete_session(self, api_key_id: int, session_id: str) -> bool:
-        async with self._transaction() as db:
-            cursor = await db.execute(
-                "DELETE FROM chat_sessions WHERE id = ? AND api_key_id = ?",
-                (session_id, api_key_id),
-            )
-            return cursor.rowcount > 0
+        rows = await self._write(
+            "DELETE FROM chat_sessions WHERE id = ? AND api_key_id = ? RETURNING pk",
+            (session_id, api_key_id),
+        )
+        return bool(rows)
 
     # -- messages ---------------------------------------------------------------
 
@@ -303,6 +298,41 @@ class SqliteStore:
         return turns
 
     # -- turns ----------------------------------------------------------------------
+    #
+    # The hot path stores a question and its answer with one statement each:
+    # triggers (migration 0002) advance the session's counters and mark the
+    # question answered, so each write is a single round trip and commit.
+
+    async def _write(self, sql: str, params: tuple[Any, ...]) -> list[sqlite3.Row]:
+        """One statement, committed on its own, never inside another's transaction."""
+        async with self._write_lock:
+            return list(await self._writer.execute_fetchall(sql, params))
+
+    _INSERT_MESSAGE = (
+        "INSERT INTO messages (id, session_pk, seq, role, content, status, created_at)"
+        " SELECT ?, pk, last_seq + 1, ?, ?, ?, ? FROM chat_sessions WHERE pk = ?"
+        " RETURNING pk, seq"
+    )
+
+    async def _insert_message(
+        self,
+        db: aiosqlite.Connection | None,
+        session_pk: int,
+        role: Role,
+        content: str,
+        status: MessageStatus,
+    ) -> Message:
+        message_id = str(uuid.uuid4())
+        now = utc_now()
+        params = (message_id, role, content, status, now, session_pk)
+        if db is None:
+            rows = await self._write(self._INSERT_MESSAGE, params)
+        else:
+            rows = list(await db.execute_fetchall(self._INSERT_MESSAGE, params))
+        if not rows:
+            raise LookupError(f"chat session {session_pk} is gone")
+        pk, seq = rows[0]
+        return Message(pk, message_id, seq, role, content, status, now)
 
     async def begin_turn(
         self,
@@ -312,13 +342,14 @@ class SqliteStore:
         retry_message_pk: int | None = None,
         idempotency: IdempotencyStart | None = None,
     ) -> Message:
-        """Store the user message as pending (or take a failed one up again), in one transaction."""
-        now = utc_now()
+        """Store the user message as pending (or take a failed one up again)."""
+        if retry_message_pk is None and idempotency is None:
+            return await self._insert_message(None, session_pk, "user", content, "pending")
         async with self._transaction() as db:
             if retry_message_pk is None:
-                message = await self._insert_message(db, session_pk, "user", content, "pending", now)
+                message = await self._insert_message(db, session_pk, "user", content, "pending")
             else:
-                message = await self._retake_message(db, session_pk, retry_message_pk, now)
+                message = await self._retake_message(db, session_pk, retry_message_pk)
             if idempotency is not None:
                 await db.execute(
                     "INSERT INTO idempotency_keys (api_key_id, key, fingerprint, session_pk,"
@@ -336,36 +367,12 @@ class SqliteStore:
                 )
         return message
 
-    async def _insert_message(
-        self,
-        db: aiosqlite.Connection,
-        session_pk: int,
-        role: str,
-        content: str,
-        status: str,
-        now: str,
-    ) -> Message:
-        rows = await db.execute_fetchall(
-            "UPDATE chat_sessions SET last_seq = last_seq + 1, message_count = message_count + 1,"
-            " updated_at = ? WHERE pk = ? RETURNING last_seq",
-            (now, session_pk),
-        )
-        seq = next(iter(rows))[0]
-        message_id = str(uuid.uuid4())
-        cursor = await db.execute(
-            "INSERT INTO messages (id, session_pk, seq, role, content, status, created_at)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (message_id, session_pk, seq, role, content, status, now),
-        )
-        assert cursor.lastrowid is not None
-        return Message(cursor.lastrowid, message_id, seq, role, content, status, now)  # type: ignore[arg-type]
-
     async def _retake_message(
-        self, db: aiosqlite.Connection, session_pk: int, message_pk: int, now: str
+        self, db: aiosqlite.Connection, session_pk: int, message_pk: int
     ) -> Message:
         # A retried question keeps its row; it moves to the end of the
         # conversation when other messages came after it, so that its answer
-        # is stored right after it (seq of a question and its answer are consecutive).
+        # is stored right after it (a question and its answer are consecutive).
         rows = await db.execute_fetchall(
             "UPDATE messages SET status = 'pending', seq = CASE"
             " WHEN seq = (SELECT last_seq FROM chat_sessions WHERE pk = ?) THEN seq"
@@ -376,16 +383,14 @@ class SqliteStore:
         message = _message(next(iter(rows)))
         await db.execute(
             "UPDATE chat_sessions SET last_seq = max(last_seq, ?), updated_at = ? WHERE pk = ?",
-            (message.seq, now, session_pk),
+            (message.seq, utc_now(), session_pk),
         )
         return message
 
     async def set_ai_session(self, session_pk: int, ai_session_id: str) -> None:
-        async with self._transaction() as db:
-            await db.execute(
-                "UPDATE chat_sessions SET ai_session_id = ? WHERE pk = ?",
-                (ai_session_id, session_pk),
-            )
+        await self._write(
+            "UPDATE chat_sessions SET ai_session_id = ? WHERE pk = ?", (ai_session_id, session_pk)
+        )
 
     async def finish_turn(
         self,
@@ -395,19 +400,16 @@ class SqliteStore:
         kind: AISessionKind,
         idempotency: IdempotencyStart | None = None,
     ) -> Message:
-        """Store the answer and mark its question answered, in one transaction."""
-        now = utc_now()
+        """Store the answer; the insert marks its question answered in the same commit."""
+        if idempotency is None:
+            return await self._insert_message(None, session_pk, "assistant", reply, "answered")
         async with self._transaction() as db:
-            answer = await self._insert_message(db, session_pk, "assistant", reply, "answered", now)
+            answer = await self._insert_message(db, session_pk, "assistant", reply, "answered")
             await db.execute(
-                "UPDATE messages SET status = 'answered' WHERE pk = ?", (user_message_pk,)
+                "UPDATE idempotency_keys SET state = 'succeeded', ai_session = ?"
+                " WHERE api_key_id = ? AND key = ?",
+                (kind, idempotency.api_key_id, idempotency.key),
             )
-            if idempotency is not None:
-                await db.execute(
-                    "UPDATE idempotency_keys SET state = 'succeeded', ai_session = ?"
-                    " WHERE api_key_id = ? AND key = ?",
-                    (kind, idempotency.api_key_id, idempotency.key),
-                )
         return answer
 
     async def fail_turn(
@@ -416,16 +418,16 @@ class SqliteStore:
         user_message_pk: int,
         idempotency: IdempotencyStart | None = None,
     ) -> None:
+        mark_failed = "UPDATE messages SET status = 'failed' WHERE pk = ? AND status = 'pending'"
+        if idempotency is None:
+            await self._write(mark_failed, (user_message_pk,))
+            return
         async with self._transaction() as db:
+            await db.execute(mark_failed, (user_message_pk,))
             await db.execute(
-                "UPDATE messages SET status = 'failed' WHERE pk = ? AND status = 'pending'",
-                (user_message_pk,),
+                "UPDATE idempotency_keys SET state = 'failed' WHERE api_key_id = ? AND key = ?",
+                (idempotency.api_key_id, idempotency.key),
             )
-            if idempotency is not None:
-                await db.execute(
-                    "UPDATE idempotency_keys SET state = 'failed' WHERE api_key_id = ? AND key = ?",
-                    (idempotency.api_key_id, idempotency.key),
-                )
 
     # -- idempotency and crash recovery --------------------------------------------------
 
@@ -438,12 +440,12 @@ class SqliteStore:
         return None if row is None else IdempotencyRecord(*row)
 
     async def purge_idempotency(self, older_than: float) -> int:
-        async with self._transaction() as db:
-            cursor = await db.execute(
-                "DELETE FROM idempotency_keys WHERE created_at < ? AND state != 'in_progress'",
-                (older_than,),
-            )
-            return cursor.rowcount
+        rows = await self._write(
+            "DELETE FROM idempotency_keys WHERE created_at < ? AND state != 'in_progress'"
+            " RETURNING key",
+            (older_than,),
+        )
+        return len(rows)
 
     async def fail_pending_turns(self) -> int:
         """Mark turns cut off by a crash or shutdown as failed; return how many."""
