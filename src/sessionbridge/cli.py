@@ -187,6 +187,13 @@ async def keys_command(settings: Settings, action: str, name: str | None) -> int
         await store.close()
 
 
+def quiet_library_loggers() -> None:
+    # aiosqlite's debug trace prints every statement with its parameters
+    # (message text, AI session ids); yoyo narrates each migration step.
+    logging.getLogger("aiosqlite").setLevel(logging.WARNING)
+    logging.getLogger("yoyo").setLevel(logging.WARNING)
+
+
 # -- argument parsing ----------------------------------------------------------------------------
 
 
@@ -231,7 +238,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
     )
-    logging.getLogger("yoyo").setLevel(logging.WARNING)
+    quiet_library_loggers()
     if args.command == "serve":
         if not settings.upstream_url:
             print(
