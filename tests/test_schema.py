@@ -60,3 +60,25 @@ async def test_recent_turns_keep_the_newest_within_budget(tmp_path: Path) -> Non
         assert await store.recent_turns(session.pk, 0) == []
     finally:
         await store.close()
+
+
+async def test_idempotency_outcomes_are_purged_after_their_time(tmp_path: Path) -> None:
+    from sessionbridge.store import IdempotencyStart
+
+    path = str(tmp_path / "i.db")
+    apply_migrations(path)
+    store = await SqliteStore.open(path)
+    try:
+        key = await store.create_key("k", b"h")
+        session = await store.create_session(key.id, None, "s", 100)
+        for name, created_at in (("old", 1000.0), ("new", 5000.0)):
+            start = IdempotencyStart(key.id, name, "fp", created_at)
+            question = await store.begin_turn(session.pk, name, idempotency=start)
+            await store.finish_turn(session.pk, question.pk, "a", "created", start)
+
+        assert await store.purge_idempotency(older_than=2000.0) == 1
+
+        assert await store.get_idempotency(key.id, "old") is None
+        assert await store.get_idempotency(key.id, "new") is not None
+    finally:
+        await store.close()
