@@ -24,11 +24,18 @@ routes = web.RouteTableDef()
 # -- input -------------------------------------------------------------------------------
 
 
+def _bounded_int(digits: str) -> int | float:
+    return int(digits) if len(digits) <= 30 else float("inf")
+
+
 async def read_object(request: web.Request) -> dict[str, Any]:
     """The body as a JSON object, or InvalidJSON. Oversized bodies raise 413 in read()."""
     raw = await request.read()
     try:
-        body = json.loads(raw)
+        # JSON travels as UTF-8 (RFC 8259); integers longer than any field
+        # accepts become an out-of-range float rather than a parse failure,
+        # so they are reported against their field.
+        body = json.loads(raw.decode("utf-8"), parse_int=_bounded_int)
     except (ValueError, RecursionError):  # ValueError covers bad UTF-8 and bad JSON
         raise InvalidJSON("the body is not valid JSON") from None
     if not isinstance(body, dict):
