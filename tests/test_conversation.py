@@ -335,3 +335,21 @@ async def test_ai_session_id_is_stored_and_never_shown(api: Api) -> None:
     assert stored is not None and stored.ai_session_id
     listing = await (await api.request("GET", "/v1/sessions")).text()
     assert stored.ai_session_id not in str(body) and stored.ai_session_id not in listing
+
+
+async def test_deleting_a_session_during_its_turn_gives_404_not_500(
+    api: Api, ai_state: DevServerState
+) -> None:
+    session_id = await api.new_session()
+    await api.say(session_id, "first")
+    ai_state.delay = 0.3
+    turn = asyncio.create_task(api.send(session_id, "second"))
+    await asyncio.sleep(0.1)
+
+    deleted = await api.request("DELETE", f"/v1/sessions/{session_id}")
+    response = await turn
+
+    assert deleted.status == 204
+    assert response.status == 404
+    assert (await response.json())["code"] == "not_found"
+    assert len(api.app[CONVERSATIONS].locks) == 0

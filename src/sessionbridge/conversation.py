@@ -39,7 +39,7 @@ from .records import (
     Message,
     TranscriptTurn,
 )
-from .store import IdempotencyStart, Store
+from .store import IdempotencyStart, SessionGone, Store
 from .upstream import AIServer
 
 log = logging.getLogger(__name__)
@@ -177,9 +177,12 @@ class Conversations:
         idempotency: IdempotencyStart | None,
         retry_message_pk: int | None,
     ) -> TurnResult:
-        question = await self._store.begin_turn(
-            session.pk, content, retry_message_pk=retry_message_pk, idempotency=idempotency
-        )
+        try:
+            question = await self._store.begin_turn(
+                session.pk, content, retry_message_pk=retry_message_pk, idempotency=idempotency
+            )
+        except SessionGone:
+            raise NotFound("no such session") from None
         try:
             reply, kind = await self._exchange(session, content, max_tokens or session.max_tokens)
         except BaseException as exc:
@@ -189,7 +192,14 @@ class Conversations:
             self._metrics.turns.labels(outcome).inc()
             log.info("event=turn_failed session=%s outcome=%s", session.id, outcome)
             raise
-        answer = await self._store.finish_turn(session.pk, question.pk, reply, kind, idempotency)
+        try:
+            answer = await self._store.finish_turn(
+                session.pk, question.pk, reply, kind, idempotency
+            )
+        except SessionGone:
+            # Deleted while the AI server was answering: nothing is left to store into.
+            self._metrics.turns.labels("not_found").inc()
+            raise NotFound("the session was deleted during the turn") from None
         self._metrics.turns.labels("answered").inc()
         return TurnResult(
             Message(question.pk, question.id, question.seq, "user", question.content,

@@ -37,6 +37,10 @@ class DuplicateKeyName(Exception):
     """A live API key already has this name."""
 
 
+class SessionGone(LookupError):
+    """The chat session was deleted while a turn was writing to it."""
+
+
 class Store(Protocol):
     """What the bridge needs from storage; SqliteStore is the one implementation."""
 
@@ -330,7 +334,7 @@ class SqliteStore:
         else:
             rows = list(await db.execute_fetchall(self._INSERT_MESSAGE, params))
         if not rows:
-            raise LookupError(f"chat session {session_pk} is gone")
+            raise SessionGone(f"chat session {session_pk} is gone")
         pk, seq = rows[0]
         return Message(pk, message_id, seq, role, content, status, now)
 
