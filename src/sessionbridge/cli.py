@@ -17,6 +17,7 @@ from pathlib import Path
 from aiohttp import web
 
 from .app import create_app
+from .appkeys import CONVERSATIONS
 from .config import ConfigError, Settings, load_settings
 from .notify import notify, watchdog_interval
 from .schema import apply_migrations, rollback_migrations
@@ -24,6 +25,10 @@ from .store import DuplicateKeyName, SqliteStore
 from .tokens import hash_token, new_token
 
 log = logging.getLogger("sessionbridge")
+
+# aiohttp waits this long twice for handlers that outlived the grace (then
+# cancels them); the database cleanup marks whatever they left pending as failed.
+_CANCEL_WAIT = 0.1
 
 
 # -- serving -------------------------------------------------------------------------------
@@ -38,8 +43,10 @@ async def _feed_watchdog(interval: float) -> None:
 async def serve(settings: Settings, banner: str | None = None) -> None:
     """Run the bridge until SIGTERM or SIGINT, then stop gracefully."""
     app = create_app(settings)
+    # The grace period is kept below, by waiting for the turns themselves;
+    # aiohttp's shutdown timeout only bounds the wait after the grace.
     runner = web.AppRunner(
-        app, shutdown_timeout=settings.shutdown_grace, access_log=None, handle_signals=False
+        app, shutdown_timeout=_CANCEL_WAIT, access_log=None, handle_signals=False
     )
     # setup() runs the startup half of every cleanup context: migrations and
     # the database are ready before the socket accepts anything.
@@ -67,11 +74,19 @@ async def serve(settings: Settings, banner: str | None = None) -> None:
         await stop.wait()
         notify("STOPPING=1")
         log.info("event=stopping grace_seconds=%s", settings.shutdown_grace)
+        # Stop accepting: close the listening socket and make keep-alive
+        # connections close after their current request.
+        await site.stop()
+        if runner.server is not None:
+            runner.server.pre_shutdown()
+        drained = await app[CONVERSATIONS].wait_idle(settings.shutdown_grace)
+        if not drained:
+            log.warning("event=grace_expired turns_cut_off=%d", len(app[CONVERSATIONS].locks))
     finally:
         if watchdog is not None:
             watchdog.cancel()
-        # Stops accepting, waits up to the grace period for running turns,
-        # cancels the rest (they record themselves as failed), closes the database.
+        # Cancels what still runs (those turns record themselves as failed),
+        # then closes the AI-server client and the database.
         await runner.cleanup()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)

@@ -97,6 +97,13 @@ class Conversations:
         # a duplicate must be turned away before it queues on the session lock.
         self._running_keys: dict[tuple[int, str], str] = {}
 
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait until no turn runs or waits, at most ``timeout`` seconds; say whether it did."""
+        deadline = time.monotonic() + timeout
+        while len(self.locks) and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        return not len(self.locks)
+
     async def send(
         self,
         key: ApiKey,
