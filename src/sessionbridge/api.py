@@ -178,6 +178,7 @@ async def delete_session(request: web.Request) -> web.Response:
     )
     if not deleted:
         raise NotFound("no such session")
+    request.app[CONVERSATIONS].forget(request.match_info["id"])
     return web.Response(status=204)
 
 

@@ -10,10 +10,12 @@ reply is retried and never stored; a failed turn keeps its question as
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import json
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -45,6 +47,10 @@ from .upstream import AIServer
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+# Session rows kept for recently active conversations (a few hundred bytes to a
+# scenario's length each).
+CONTEXT_CACHE_SIZE = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +102,33 @@ class Conversations:
         # Idempotency keys being answered right now, with their fingerprints:
         # a duplicate must be turned away before it queues on the session lock.
         self._running_keys: dict[tuple[int, str], str] = {}
+        # The session rows of recently active conversations, so a turn needs no
+        # database read to learn its AI session. Only turns change a session's
+        # AI session id, one at a time under the session's lock, so a row read
+        # under that lock stays right (single bridge per database); a session
+        # deleted meanwhile is caught when the turn stores its question.
+        self._contexts: OrderedDict[str, ChatSession] = OrderedDict()
+
+    def forget(self, session_id: str) -> None:
+        """Drop a deleted session's cached row."""
+        self._contexts.pop(session_id, None)
+
+    def _remember(self, session: ChatSession) -> None:
+        self._contexts[session.id] = session
+        self._contexts.move_to_end(session.id)
+        if len(self._contexts) > CONTEXT_CACHE_SIZE:
+            self._contexts.popitem(last=False)
+
+    async def _context(self, key: ApiKey, session_id: str) -> ChatSession:
+        session = self._contexts.get(session_id)
+        if session is not None and session.api_key_id == key.id:
+            self._contexts.move_to_end(session_id)
+            return session
+        session = await self._store.get_session(key.id, session_id)
+        if session is None:
+            raise NotFound("no such session")
+        self._remember(session)
+        return session
 
     async def wait_idle(self, timeout: float) -> bool:
         """Wait until no turn runs or waits, at most ``timeout`` seconds; say whether it did."""
@@ -162,10 +195,8 @@ class Conversations:
         retry_message_pk: int | None,
     ) -> TurnResult:
         async with self.locks.hold(session_id):
-            # Read again under the lock: the turn before may have created the AI session.
-            session = await self._store.get_session(key.id, session_id)
-            if session is None:
-                raise NotFound("no such session")
+            # Read under the lock: the turn before may have created the AI session.
+            session = await self._context(key, session_id)
             if self.inflight >= self._settings.max_inflight:
                 raise Overloaded(f"{self.inflight} turns are already in flight")
             self.inflight += 1
@@ -189,6 +220,7 @@ class Conversations:
                 session.pk, content, retry_message_pk=retry_message_pk, idempotency=idempotency
             )
         except SessionGone:
+            self.forget(session.id)
             raise NotFound("no such session") from None
         try:
             reply, kind = await self._exchange(session, content, max_tokens or session.max_tokens)
@@ -205,6 +237,7 @@ class Conversations:
             )
         except SessionGone:
             # Deleted while the AI server was answering: nothing is left to store into.
+            self.forget(session.id)
             self._metrics.turns.labels("not_found").inc()
             raise NotFound("the session was deleted during the turn") from None
         self._metrics.turns.labels("answered").inc()
@@ -250,6 +283,7 @@ class Conversations:
         )
         # Stored at once: even if the first /chat fails, the next message reuses it.
         await self._store.set_ai_session(session.pk, ai_session_id)
+        self._remember(dataclasses.replace(session, ai_session_id=ai_session_id))
         self._metrics.ai_sessions.labels(kind).inc()
         return ai_session_id
 

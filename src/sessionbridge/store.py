@@ -1,24 +1,22 @@
 """Storage: the Store interface and its SQLite implementation (the only SQL outside migrations/).
 
-SQLite runs in WAL mode behind two aiosqlite connections: one writer whose
-transactions are taken one at a time under an asyncio.Lock (a transaction
-belongs to the connection, so two coroutines sharing it could commit each
-other's half-done work), and one reader that never waits for the writer.
-A turn's rows are committed before the client is answered; with
-``synchronous=NORMAL`` in WAL mode a commit survives a crash of the process,
-``FULL`` also survives power loss.
+SQLite runs in WAL mode. Writes go through one connection on its own thread
+that commits concurrent writes together (group_commit.py); reads go through
+an aiosqlite connection that never waits for the writer. A turn's question is
+committed before the AI server is called and its answer before the client is
+answered; with ``synchronous=NORMAL`` in WAL mode a commit survives a crash of
+the process, ``FULL`` also survives power loss.
 """
 
 from __future__ import annotations
 
-import asyncio
 import sqlite3
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any, Protocol
 
 import aiosqlite
+
+from .group_commit import GroupCommitWriter
 
 from .records import (
     AISessionKind,
@@ -124,52 +122,44 @@ def _message(row: sqlite3.Row | tuple[Any, ...]) -> Message:
     return Message(*row)
 
 
-async def _connect(path: str, synchronous: str) -> aiosqlite.Connection:
-    # isolation_level=None: transactions are begun explicitly (BEGIN IMMEDIATE),
-    # never implicitly by the sqlite3 module.
-    db = await aiosqlite.connect(path, isolation_level=None)
-    await db.execute("PRAGMA journal_mode=WAL")
-    await db.execute(f"PRAGMA synchronous={synchronous}")
-    await db.execute("PRAGMA foreign_keys=ON")
-    await db.execute("PRAGMA busy_timeout=5000")
-    return db
+def _pragmas(synchronous: str) -> list[str]:
+    return [
+        "PRAGMA journal_mode=WAL",
+        f"PRAGMA synchronous={synchronous}",
+        "PRAGMA foreign_keys=ON",
+        # Another process (a `keys` command) may hold the write lock briefly.
+        "PRAGMA busy_timeout=5000",
+    ]
 
 
 class SqliteStore:
-    def __init__(self, writer: aiosqlite.Connection, reader: aiosqlite.Connection) -> None:
+    def __init__(self, writer: GroupCommitWriter, reader: aiosqlite.Connection) -> None:
         self._writer = writer
         self._reader = reader
-        self._write_lock = asyncio.Lock()
 
     @classmethod
     async def open(cls, path: str, synchronous: str = "NORMAL") -> SqliteStore:
         """Open a migrated database (see schema.apply_migrations)."""
-        writer = await _connect(path, synchronous)
+        writer = await GroupCommitWriter.open(path, _pragmas(synchronous))
         try:
-            reader = await _connect(path, synchronous)
+            reader = await aiosqlite.connect(path, isolation_level=None)
+            for pragma in _pragmas(synchronous):
+                await reader.execute(pragma)
         except BaseException:
             await writer.close()
             raise
         return cls(writer, reader)
 
     async def close(self) -> None:
-        async with self._write_lock:
-            await self._reader.close()
-            await self._writer.close()
+        await self._reader.close()
+        await self._writer.close()
 
     async def ping(self) -> None:
         await self._reader.execute_fetchall("SELECT 1")
 
-    @asynccontextmanager
-    async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
-        async with self._write_lock:
-            await self._writer.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._writer
-            except BaseException:
-                await self._writer.execute("ROLLBACK")
-                raise
-            await self._writer.execute("COMMIT")
+    async def _write(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+        """One statement in the next group commit; its rows (for RETURNING)."""
+        return await self._writer.run(lambda db: db.execute(sql, params).fetchall())
 
     async def _fetchone(self, sql: str, params: tuple[Any, ...]) -> sqlite3.Row | None:
         rows = await self._reader.execute_fetchall(sql, params)
@@ -303,14 +293,8 @@ class SqliteStore:
 
     # -- turns ----------------------------------------------------------------------
     #
-    # The hot path stores a question and its answer with one statement each:
-    # triggers (migration 0002) advance the session's counters and mark the
-    # question answered, so each write is a single round trip and commit.
-
-    async def _write(self, sql: str, params: tuple[Any, ...]) -> list[sqlite3.Row]:
-        """One statement, committed on its own, never inside another's transaction."""
-        async with self._write_lock:
-            return list(await self._writer.execute_fetchall(sql, params))
+    # A question and its answer are one statement each: triggers (migration
+    # 0002) advance the session's counters and mark the question answered.
 
     _INSERT_MESSAGE = (
         "INSERT INTO messages (id, session_pk, seq, role, content, status, created_at)"
@@ -318,9 +302,10 @@ class SqliteStore:
         " RETURNING pk, seq"
     )
 
-    async def _insert_message(
-        self,
-        db: aiosqlite.Connection | None,
+    @classmethod
+    def _insert_message(
+        cls,
+        db: sqlite3.Connection,
         session_pk: int,
         role: Role,
         content: str,
@@ -328,15 +313,53 @@ class SqliteStore:
     ) -> Message:
         message_id = str(uuid.uuid4())
         now = utc_now()
-        params = (message_id, role, content, status, now, session_pk)
-        if db is None:
-            rows = await self._write(self._INSERT_MESSAGE, params)
-        else:
-            rows = list(await db.execute_fetchall(self._INSERT_MESSAGE, params))
-        if not rows:
+        row = db.execute(
+            cls._INSERT_MESSAGE, (message_id, role, content, status, now, session_pk)
+        ).fetchone()
+        if row is None:
             raise SessionGone(f"chat session {session_pk} is gone")
-        pk, seq = rows[0]
+        pk, seq = row
         return Message(pk, message_id, seq, role, content, status, now)
+
+    @staticmethod
+    def _record_idempotency(
+        db: sqlite3.Connection, session_pk: int, message_pk: int, idempotency: IdempotencyStart
+    ) -> None:
+        db.execute(
+            "INSERT INTO idempotency_keys (api_key_id, key, fingerprint, session_pk,"
+            " user_message_pk, state, created_at) VALUES (?, ?, ?, ?, ?, 'in_progress', ?)"
+            " ON CONFLICT (api_key_id, key) DO UPDATE SET state = 'in_progress',"
+            " user_message_pk = excluded.user_message_pk",
+            (
+                idempotency.api_key_id,
+                idempotency.key,
+                idempotency.fingerprint,
+                session_pk,
+                message_pk,
+                idempotency.created_at,
+            ),
+        )
+
+    @staticmethod
+    def _retake_message(db: sqlite3.Connection, session_pk: int, message_pk: int) -> Message:
+        # A retried question keeps its row; it moves to the end of the
+        # conversation when other messages came after it, so that its answer
+        # is stored right after it (a question and its answer are consecutive).
+        row = db.execute(
+            "UPDATE messages SET status = 'pending', seq = CASE"
+            " WHEN seq = (SELECT last_seq FROM chat_sessions WHERE pk = ?) THEN seq"
+            " ELSE (SELECT last_seq + 1 FROM chat_sessions WHERE pk = ?) END"
+            f" WHERE pk = ? AND session_pk = ? RETURNING {_MESSAGE_COLUMNS}",
+            (session_pk, session_pk, message_pk, session_pk),
+        ).fetchone()
+        if row is None:
+            raise SessionGone(f"chat session {session_pk} is gone")
+        message = _message(row)
+        db.execute(
+            "UPDATE chat_sessions SET last_seq = max(last_seq, ?), updated_at = ? WHERE pk = ?",
+            (message.seq, utc_now(), session_pk),
+        )
+        return message
 
     async def begin_turn(
         self,
@@ -347,49 +370,17 @@ class SqliteStore:
         idempotency: IdempotencyStart | None = None,
     ) -> Message:
         """Store the user message as pending (or take a failed one up again)."""
-        if retry_message_pk is None and idempotency is None:
-            return await self._insert_message(None, session_pk, "user", content, "pending")
-        async with self._transaction() as db:
-            if retry_message_pk is None:
-                message = await self._insert_message(db, session_pk, "user", content, "pending")
-            else:
-                message = await self._retake_message(db, session_pk, retry_message_pk)
-            if idempotency is not None:
-                await db.execute(
-                    "INSERT INTO idempotency_keys (api_key_id, key, fingerprint, session_pk,"
-                    " user_message_pk, state, created_at) VALUES (?, ?, ?, ?, ?, 'in_progress', ?)"
-                    " ON CONFLICT (api_key_id, key) DO UPDATE SET state = 'in_progress',"
-                    " user_message_pk = excluded.user_message_pk",
-                    (
-                        idempotency.api_key_id,
-                        idempotency.key,
-                        idempotency.fingerprint,
-                        session_pk,
-                        message.pk,
-                        idempotency.created_at,
-                    ),
-                )
-        return message
 
-    async def _retake_message(
-        self, db: aiosqlite.Connection, session_pk: int, message_pk: int
-    ) -> Message:
-        # A retried question keeps its row; it moves to the end of the
-        # conversation when other messages came after it, so that its answer
-        # is stored right after it (a question and its answer are consecutive).
-        rows = await db.execute_fetchall(
-            "UPDATE messages SET status = 'pending', seq = CASE"
-            " WHEN seq = (SELECT last_seq FROM chat_sessions WHERE pk = ?) THEN seq"
-            " ELSE (SELECT last_seq + 1 FROM chat_sessions WHERE pk = ?) END"
-            f" WHERE pk = ? AND session_pk = ? RETURNING {_MESSAGE_COLUMNS}",
-            (session_pk, session_pk, message_pk, session_pk),
-        )
-        message = _message(next(iter(rows)))
-        await db.execute(
-            "UPDATE chat_sessions SET last_seq = max(last_seq, ?), updated_at = ? WHERE pk = ?",
-            (message.seq, utc_now(), session_pk),
-        )
-        return message
+        def write(db: sqlite3.Connection) -> Message:
+            if retry_message_pk is None:
+                message = self._insert_message(db, session_pk, "user", content, "pending")
+            else:
+                message = self._retake_message(db, session_pk, retry_message_pk)
+            if idempotency is not None:
+                self._record_idempotency(db, session_pk, message.pk, idempotency)
+            return message
+
+        return await self._writer.run(write)
 
     async def set_ai_session(self, session_pk: int, ai_session_id: str) -> None:
         await self._write(
@@ -405,16 +396,18 @@ class SqliteStore:
         idempotency: IdempotencyStart | None = None,
     ) -> Message:
         """Store the answer; the insert marks its question answered in the same commit."""
-        if idempotency is None:
-            return await self._insert_message(None, session_pk, "assistant", reply, "answered")
-        async with self._transaction() as db:
-            answer = await self._insert_message(db, session_pk, "assistant", reply, "answered")
-            await db.execute(
-                "UPDATE idempotency_keys SET state = 'succeeded', ai_session = ?"
-                " WHERE api_key_id = ? AND key = ?",
-                (kind, idempotency.api_key_id, idempotency.key),
-            )
-        return answer
+
+        def write(db: sqlite3.Connection) -> Message:
+            answer = self._insert_message(db, session_pk, "assistant", reply, "answered")
+            if idempotency is not None:
+                db.execute(
+                    "UPDATE idempotency_keys SET state = 'succeeded', ai_session = ?"
+                    " WHERE api_key_id = ? AND key = ?",
+                    (kind, idempotency.api_key_id, idempotency.key),
+                )
+            return answer
+
+        return await self._writer.run(write)
 
     async def fail_turn(
         self,
@@ -422,16 +415,18 @@ class SqliteStore:
         user_message_pk: int,
         idempotency: IdempotencyStart | None = None,
     ) -> None:
-        mark_failed = "UPDATE messages SET status = 'failed' WHERE pk = ? AND status = 'pending'"
-        if idempotency is None:
-            await self._write(mark_failed, (user_message_pk,))
-            return
-        async with self._transaction() as db:
-            await db.execute(mark_failed, (user_message_pk,))
-            await db.execute(
-                "UPDATE idempotency_keys SET state = 'failed' WHERE api_key_id = ? AND key = ?",
-                (idempotency.api_key_id, idempotency.key),
+        def write(db: sqlite3.Connection) -> None:
+            db.execute(
+                "UPDATE messages SET status = 'failed' WHERE pk = ? AND status = 'pending'",
+                (user_message_pk,),
             )
+            if idempotency is not None:
+                db.execute(
+                    "UPDATE idempotency_keys SET state = 'failed' WHERE api_key_id = ? AND key = ?",
+                    (idempotency.api_key_id, idempotency.key),
+                )
+
+        await self._writer.run(write)
 
     # -- idempotency and crash recovery --------------------------------------------------
 
@@ -453,11 +448,9 @@ class SqliteStore:
 
     async def fail_pending_turns(self) -> int:
         """Mark turns cut off by a crash or shutdown as failed; return how many."""
-        async with self._transaction() as db:
-            cursor = await db.execute(
-                "UPDATE messages SET status = 'failed' WHERE status = 'pending'"
-            )
-            await db.execute(
-                "UPDATE idempotency_keys SET state = 'failed' WHERE state = 'in_progress'"
-            )
-            return cursor.rowcount
+        def write(db: sqlite3.Connection) -> int:
+            failed = db.execute("UPDATE messages SET status = 'failed' WHERE status = 'pending'")
+            db.execute("UPDATE idempotency_keys SET state = 'failed' WHERE state = 'in_progress'")
+            return failed.rowcount
+
+        return await self._writer.run(write)
