@@ -28,7 +28,10 @@ test: $(STAMP)
 ## bench: side-by-side figures (never fails on timing)
 bench: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[bench]'
-	$(BIN)/python bench/run.py
+	@# wrk is the load generator; without it (not root, no apt) bench/run.py
+	@# falls back to a Python generator and says so.
+	command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; } || true
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) var build src/*.egg-info

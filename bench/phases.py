@@ -1,0 +1,344 @@
+"""The four measurements: throughput, scale, slow AI server, memory.
+
+Each starts the processes it needs, measures, stops them, and returns a plain
+dict of figures (what ends up in the JSON file). Nothing here asserts on a
+figure: the targets are printed beside the figures by run.py. Starting
+processes and seeding databases block this driver's event loop on purpose:
+nothing else runs in it meanwhile, and nothing is being measured.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from client import BridgeClient, ai_sessions, answered_turns
+from loadgen import LoadGenerator, LoadResult, median_result, write_paths
+from procs import Processes, Server, create_key
+from seed import SeededDb, seed
+
+CONCURRENCY_LEVELS = (1, 32)
+SLOW_AI_DELAY = 0.2
+# Measured sessions on the scale databases; created through the API.
+SCALE_MEASURED_SESSIONS = 64
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How much of each measurement to do (the full run, or --quick)."""
+
+    sessions: int = 256
+    duration: float = 6.0
+    warmup: float = 1.0
+    # Three runs per target and level: on two shared cores single runs of the
+    # passthrough vary by a third, and a median of three steadies them.
+    reps: int = 3
+    scale_small: tuple[int, int] = (100, 10)  # sessions, messages each: 1 thousand
+    scale_big: tuple[int, int] = (100_000, 10)  # 1 million messages, 100 thousand sessions
+    scale_duration: float = 3.0
+    scale_reps: int = 2
+    slow_sessions: int = 200
+    slow_turns: int = 5
+    memory_sessions: int = 100_000
+    memory_timebox: float = 90.0
+    memory_connections: int = 32
+
+
+QUICK_PLAN = Plan(
+    duration=2.0, warmup=0.5, reps=1,
+    scale_big=(1_000, 10), scale_duration=1.5, scale_reps=1,
+    memory_sessions=1_000, memory_timebox=20.0,
+)
+
+
+@dataclass
+class Context:
+    procs: Processes
+    workdir: Path
+    plan: Plan
+    load: LoadGenerator
+    # The scale databases, built once and shared with the memory measurement.
+    seeded: dict[str, SeededDb]
+
+    def seeded_db(self, name: str, shape: tuple[int, int]) -> SeededDb:
+        key = f"{name}-{shape[0]}x{shape[1]}"
+        if key not in self.seeded:
+            sessions, per_session = shape
+            print(f"  seeding {sessions:,} sessions x {per_session} messages ...", flush=True)
+            self.seeded[key] = seed(self.workdir / f"{key}.db", sessions, per_session)
+        return self.seeded[key]
+
+
+def fresh_bridge(ctx: Context, name: str, ai: Server) -> tuple[Server, str]:
+    """A bridge on a new database with one API key; returns it and the key's token."""
+    db = ctx.workdir / f"{name}.db"
+    token = create_key(db)
+    return ctx.procs.bridge(name, db, ai), token
+
+
+async def ready_sessions(
+    bridge: Server, token: str, count: int
+) -> tuple[list[str], dict[str, int]]:
+    """``count`` sessions, each with one answered turn, so their AI sessions exist."""
+    async with BridgeClient(bridge.url, token) as client:
+        session_ids = await client.create_sessions(count)
+        kinds = await client.warm(session_ids)
+    return session_ids, kinds
+
+
+# -- throughput and latency: bridge against the bare passthrough -----------------------------
+
+
+async def throughput(ctx: Context) -> dict[str, Any]:
+    plan = ctx.plan
+    ai = ctx.procs.devserver("ai", delay=0)
+    bridge, token = fresh_bridge(ctx, "bridge", ai)
+    rss_idle = bridge.rss_mb()
+    session_ids, warm_kinds = await ready_sessions(bridge, token, plan.sessions)
+    ids_file = ctx.workdir / "throughput-sessions.txt"
+    ids_file.write_text("".join(sid + "\n" for sid in session_ids))
+    # Same session ids on both targets, so both get byte-identical requests.
+    passthrough = ctx.procs.passthrough("passthrough", ai, ids_file)
+    paths = write_paths(ctx.workdir / "throughput-paths.txt", session_ids)
+    targets = {"bridge": bridge, "passthrough": passthrough}
+
+    async with BridgeClient(bridge.url, token) as client:
+        before = await client.metrics()
+        runs = await _alternate(ctx, targets, ai, paths, token)
+        after = await client.wait_idle()
+
+    levels: dict[str, Any] = {}
+    for connections in CONCURRENCY_LEVELS:
+        level: dict[str, Any] = {
+            name: median_result(runs[name][connections]) for name in targets
+        }
+        level["runs"] = {name: [r.to_dict() for r in runs[name][connections]] for name in targets}
+        b, p = level["bridge"], level["passthrough"]
+        level["throughput_ratio"] = b["rps"] / p["rps"] if p["rps"] else None
+        level["p50_ratio"] = b["p50_ms"] / p["p50_ms"] if p["p50_ms"] else None
+        level["p99_ratio"] = b["p99_ms"] / p["p99_ms"] if p["p99_ms"] else None
+        level["added_p50_ms"] = b["p50_ms"] - p["p50_ms"]
+        levels[str(connections)] = level
+    result = {
+        "generator": ctx.load.name,
+        "sessions": plan.sessions,
+        "duration_s": plan.duration,
+        "reps": plan.reps,
+        "warm_up_kinds": warm_kinds,
+        "levels": levels,
+        # Every measured turn should have reused its AI session.
+        "ai_sessions_during_runs": {
+            kind: ai_sessions(after, kind) - ai_sessions(before, kind)
+            for kind in ("created", "reused", "recovered")
+        },
+        "bridge_rss_idle_mb": rss_idle,
+        "bridge_rss_after_mb": bridge.rss_mb(),
+        "bridge_peak_rss_mb": bridge.peak_rss_mb(),
+        "passthrough_peak_rss_mb": passthrough.peak_rss_mb(),
+    }
+    for server in (passthrough, bridge, ai):
+        ctx.procs.stop(server)
+    return result
+
+
+async def measured_run(
+    ctx: Context, target: Server, ai: Server, paths: Path, token: str,
+    connections: int, duration: float,
+) -> LoadResult:
+    """One load run, with the CPU time the target and the AI server spent per message."""
+    target_cpu, ai_cpu = target.cpu_seconds(), ai.cpu_seconds()
+    result = await ctx.load.run(target.url, paths, token, connections, duration)
+    per_message = 1000 / max(result.requests, 1)
+    return dataclasses.replace(
+        result,
+        server_cpu_ms=(target.cpu_seconds() - target_cpu) * per_message,
+        ai_cpu_ms=(ai.cpu_seconds() - ai_cpu) * per_message,
+    )
+
+
+async def _alternate(
+    ctx: Context, targets: dict[str, Server], ai: Server, paths: Path, token: str
+) -> dict[str, dict[int, list[LoadResult]]]:
+    """Runs every target at every level, alternating targets so drift hits both alike."""
+    plan = ctx.plan
+    runs: dict[str, dict[int, list[LoadResult]]] = {
+        name: {c: [] for c in CONCURRENCY_LEVELS} for name in targets
+    }
+    names = list(targets)
+    for connections in CONCURRENCY_LEVELS:
+        for name in names:  # unrecorded: opens connections, fills caches
+            await ctx.load.run(targets[name].url, paths, token, connections, plan.warmup)
+        for rep in range(plan.reps):
+            # A, B then B, A: a slow drift of the machine cancels out over two reps.
+            order = names if rep % 2 == 0 else names[::-1]
+            for name in order:
+                result = await measured_run(
+                    ctx, targets[name], ai, paths, token, connections, plan.duration
+                )
+                runs[name][connections].append(result)
+                print(f"  {name:<11} c={connections:<3} rep {rep + 1}: {result.rps:8.0f} msg/s"
+                      f"  p50 {result.p50_ms:6.2f} ms  p99 {result.p99_ms:6.2f} ms"
+                      f"  CPU/msg {result.server_cpu_ms:.2f} ms (AI server"
+                      f" {result.ai_cpu_ms:.2f} ms)"
+                      f"  errors {result.http_errors + result.socket_errors}", flush=True)
+    return runs
+
+
+# -- scale: turn latency on a small and on a large database -------------------------------------
+
+
+async def scale(ctx: Context) -> dict[str, Any]:
+    plan = ctx.plan
+    small = ctx.seeded_db("scale", plan.scale_small)
+    big = ctx.seeded_db("scale", plan.scale_big)
+    ai = ctx.procs.devserver("ai-scale", delay=0)
+    bridges: dict[str, tuple[Server, SeededDb, Path, float]] = {}
+    for label, db in (("small", small), ("big", big)):
+        bridge = ctx.procs.bridge(f"bridge-scale-{label}", db.path, ai)
+        rss_idle = bridge.rss_mb()
+        session_ids, _ = await ready_sessions(bridge, db.token, SCALE_MEASURED_SESSIONS)
+        paths = write_paths(ctx.workdir / f"scale-{label}-paths.txt", session_ids)
+        bridges[label] = (bridge, db, paths, rss_idle)
+        print(f"  {label}: {db.messages:,} messages in {db.path.name} ({db.size_mb:.0f} MB,"
+              f" seeded in {db.seconds:.1f}s), bridge idle RSS {rss_idle:.1f} MB", flush=True)
+
+    runs: dict[str, list[LoadResult]] = {"small": [], "big": []}
+    for rep in range(plan.scale_reps):
+        order = ["small", "big"] if rep % 2 == 0 else ["big", "small"]
+        for label in order:
+            bridge, db, paths, _ = bridges[label]
+            run = await measured_run(ctx, bridge, ai, paths, db.token, 1, plan.scale_duration)
+            runs[label].append(run)
+            print(f"  {label:<5} rep {rep + 1}: {run.requests} turns, p50 {run.p50_ms:.2f} ms,"
+                  f" p99 {run.p99_ms:.2f} ms, CPU/turn {run.server_cpu_ms:.2f} ms", flush=True)
+
+    result: dict[str, Any] = {}
+    for label, (bridge, db, _, rss_idle) in bridges.items():
+        result[label] = {
+            "stored_sessions": len(db.session_ids),
+            "stored_messages": db.messages,
+            "db_mb": db.size_mb,
+            "bridge_rss_idle_mb": rss_idle,
+            "bridge_rss_after_mb": bridge.rss_mb(),
+            **median_result(runs[label]),
+        }
+        ctx.procs.stop(bridge)
+    ctx.procs.stop(ai)
+    small_p50 = result["small"]["p50_ms"]
+    result["p50_ratio_big_to_small"] = result["big"]["p50_ms"] / small_p50 if small_p50 else None
+    return result
+
+
+# -- concurrency against a slow AI server ------------------------------------------------------
+
+
+async def slow(ctx: Context) -> dict[str, Any]:
+    plan = ctx.plan
+    ai = ctx.procs.devserver("ai-slow", delay=SLOW_AI_DELAY)
+    bridge, token = fresh_bridge(ctx, "bridge-slow", ai)
+    async with BridgeClient(bridge.url, token) as client:
+        session_ids = await client.create_sessions(plan.slow_sessions)
+    bridge_run = await _conversations(bridge.url, token, session_ids, plan)
+    async with BridgeClient(bridge.url, token) as client:
+        samples = await client.wait_idle()
+    ctx.procs.stop(bridge)
+    # The same client and AI server through the passthrough: what this machine
+    # and this client cost anyway, so the bridge's own share can be told apart.
+    ids_file = ctx.workdir / "slow-sessions.txt"
+    ids_file.write_text("".join(sid + "\n" for sid in session_ids))
+    passthrough = ctx.procs.passthrough("passthrough-slow", ai, ids_file)
+    passthrough_run = await _conversations(passthrough.url, token, session_ids, plan)
+    for server in (passthrough, ai):
+        ctx.procs.stop(server)
+    ideal = plan.slow_turns * SLOW_AI_DELAY
+    return {
+        "sessions": plan.slow_sessions,
+        "turns_each": plan.slow_turns,
+        "ai_delay_s": SLOW_AI_DELAY,
+        "ideal_s": ideal,
+        **bridge_run,
+        "wall_over_ideal": bridge_run["wall_s"] / ideal,
+        "passthrough": passthrough_run,
+        "locked_sessions_after": samples.get("sessionbridge_locked_sessions"),
+    }
+
+
+async def _conversations(
+    base_url: str, token: str, session_ids: list[str], plan: Plan
+) -> dict[str, Any]:
+    """Every session at once, each sending its turns one after another; wall time."""
+    outcomes: collections.Counter[str] = collections.Counter()
+    # Enough connections that every session's turn is in flight at once.
+    async with BridgeClient(base_url, token, connections=len(session_ids) + 8) as client:
+
+        async def conversation(session_id: str) -> float:
+            started = time.perf_counter()
+            for turn in range(plan.slow_turns):
+                try:
+                    status, kind = await client.turn(session_id, f"question {turn + 1}")
+                except (aiohttp.ClientError, TimeoutError) as exc:
+                    status, kind = 0, type(exc).__name__
+                outcomes[kind if status == 200 else f"{status} {kind}"] += 1
+            return time.perf_counter() - started
+
+        started = time.perf_counter()
+        durations = await asyncio.gather(*(conversation(sid) for sid in session_ids))
+        wall = time.perf_counter() - started
+    return {
+        "wall_s": wall,
+        "slowest_conversation_s": max(durations),
+        "median_conversation_s": statistics.median(durations),
+        "outcomes": dict(outcomes),
+    }
+
+
+# -- memory: RSS idle and after many sessions were each used once ---------------------------
+
+
+async def memory(ctx: Context) -> dict[str, Any]:
+    plan = ctx.plan
+    db = ctx.seeded_db("scale", plan.scale_big)
+    ai = ctx.procs.devserver("ai-memory", delay=0)
+    bridge = ctx.procs.bridge("bridge-memory", db.path, ai)
+    await asyncio.sleep(1.0)  # let start-up allocations settle before "idle"
+    rss_idle = bridge.rss_mb()
+    target = min(plan.memory_sessions, len(db.session_ids))
+    # The seeded sessions have no AI session yet, so each turn creates one.
+    paths = write_paths(ctx.workdir / "memory-paths.txt", db.session_ids[:target])
+    async with BridgeClient(bridge.url, db.token) as client:
+        before = await client.metrics()
+        print(f"  one turn on each of {target:,} stored sessions"
+              f" (time box {plan.memory_timebox:.0f}s) ...", flush=True)
+        started = time.monotonic()
+        load = await ctx.load.run(bridge.url, paths, db.token, plan.memory_connections,
+                                  plan.memory_timebox, limit=target)
+        seconds = time.monotonic() - started
+        # "After traffic stops": in-flight turns finish first.
+        after = await client.wait_idle()
+    used = answered_turns(after) - answered_turns(before)
+    result = {
+        "stored_sessions": len(db.session_ids),
+        "stored_messages_before": db.messages,
+        "sessions_targeted": target,
+        "sessions_used_once": int(used),
+        "ai_sessions_created": int(ai_sessions(after, "created") - ai_sessions(before, "created")),
+        "seconds": seconds,
+        "turns_per_s": used / seconds if seconds else 0.0,
+        "http_errors": load.http_errors,
+        "socket_errors": load.socket_errors,
+        "bridge_rss_idle_mb": rss_idle,
+        "bridge_rss_after_mb": bridge.rss_mb(),
+        "bridge_peak_rss_mb": bridge.peak_rss_mb(),
+        "locked_sessions_after": after.get("sessionbridge_locked_sessions"),
+        "turns_in_flight_after": after.get("sessionbridge_turns_in_flight"),
+    }
+    for server in (bridge, ai):
+        ctx.procs.stop(server)
+    return result

@@ -1,0 +1,328 @@
+"""sessionbridge benchmark: the bridge beside a bare aiohttp passthrough, on loopback.
+
+Starts the reference AI server, the bridge and a minimal aiohttp passthrough
+(bench/passthrough.py) as separate processes on 127.0.0.1 and measures:
+
+- throughput: messages/s and p50/p99 latency at 1 and 32 clients over a few
+  hundred sessions, bridge and passthrough alternately, and their ratios;
+- scale: p50 turn latency with about a thousand and with a million stored
+  messages (100 thousand sessions);
+- slow: 200 sessions x 5 turns at once against a 200 ms AI server, wall time
+  against the ideal;
+- memory: the bridge's RSS idle and after 100 thousand stored sessions were
+  each used once, and the lock registry's size once traffic stops.
+
+The figures go to stdout, bench/results/<timestamp>.json and .png. Targets
+are printed beside them and never asserted: the exit status says only
+whether the benchmark ran, not how fast anything was.
+
+    python bench/run.py                 # everything, a few minutes
+    python bench/run.py --quick         # a smoke run: short, small databases
+    python bench/run.py --only throughput,slow
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import shutil
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import chart
+import phases
+from client import SetupError
+from loadgen import LoadGenerator
+from procs import Processes, StartError
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO = BENCH_DIR.parent
+PHASES: dict[str, Callable[[phases.Context], Coroutine[Any, Any, dict[str, Any]]]] = {
+    "throughput": phases.throughput,
+    "scale": phases.scale,
+    "slow": phases.slow,
+    "memory": phases.memory,
+}
+
+# The issue's targets: printed with the figures, never asserted.
+TARGET_THROUGHPUT_RATIO = 0.5
+TARGET_ADDED_P50_MS = 1.0
+TARGET_SLOW_OVER_IDEAL = 1.10
+TARGET_RSS_MB = 60.0
+TARGET_STORED_SESSIONS = 100_000
+# "Flat" has no number in the issue; this is how the benchmark reads it.
+FLAT_RATIO = 1.25
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="bench/run.py", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--quick", action="store_true",
+                        help="short runs, small databases instead of 100k sessions / 1M messages")
+    parser.add_argument("--only", default=",".join(PHASES),
+                        help=f"comma-separated subset of {','.join(PHASES)}")
+    parser.add_argument("--duration", type=float, help="seconds per measured load run")
+    parser.add_argument("--reps", type=int, help="measured runs per target and level")
+    parser.add_argument("--memory-timebox", type=float,
+                        help="seconds allowed for using the stored sessions once")
+    parser.add_argument("--no-wrk", action="store_true",
+                        help="use the Python load generator even when wrk is installed")
+    parser.add_argument("--results", type=Path, default=BENCH_DIR / "results",
+                        help="folder for the JSON and PNG (default bench/results)")
+    parser.add_argument("--keep-workdir", action="store_true",
+                        help="keep the databases and server logs of the run")
+    args = parser.parse_args(argv)
+    args.phases = [name.strip() for name in args.only.split(",") if name.strip()]
+    unknown = set(args.phases) - set(PHASES)
+    if unknown:
+        parser.error(f"unknown part(s) {', '.join(sorted(unknown))};"
+                     f" choose from {', '.join(PHASES)}")
+    return args
+
+
+def make_plan(args: argparse.Namespace) -> phases.Plan:
+    plan = phases.QUICK_PLAN if args.quick else phases.Plan()
+    overrides = {
+        "duration": args.duration, "reps": args.reps, "memory_timebox": args.memory_timebox,
+    }
+    return dataclasses.replace(plan, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def _first_line(argv: list[str]) -> str | None:
+    """The first line a command prints, or None (wrk -v exits 1, so the status is ignored)."""
+    try:
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=10, cwd=REPO)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    text = (result.stdout or result.stderr).strip()
+    return text.splitlines()[0] if text else None
+
+
+def environment(load: LoadGenerator) -> dict[str, Any]:
+    commit = _first_line(["git", "rev-parse", "--short", "HEAD"])
+    dirty = _first_line(["git", "status", "--porcelain", "--untracked-files=no"])
+    return {
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "aiohttp": aiohttp.__version__,
+        "platform": platform.platform(),
+        "load_generator": load.name,
+        "wrk": _first_line([load.wrk, "-v"]) if load.wrk else None,
+        "commit": f"{commit}{' (modified)' if dirty else ''}" if commit else None,
+    }
+
+
+# -- reading the figures -----------------------------------------------------------------------
+
+
+def _verdict(met: bool | None) -> str:
+    return {True: "met", False: "MISSED", None: "n/a"}[met]
+
+
+def target_rows(report: dict[str, Any]) -> list[tuple[str, str, str, bool | None]]:
+    """(target, figure, stated target, met) for every target whose part ran."""
+    rows: list[tuple[str, str, str, bool | None]] = []
+    throughput = report.get("throughput")
+    if throughput:
+        ratio = throughput["levels"]["32"]["throughput_ratio"]
+        rows.append(("throughput at 32 clients, bridge/passthrough", f"{ratio:.2f}x",
+                     f">= {TARGET_THROUGHPUT_RATIO}x", ratio >= TARGET_THROUGHPUT_RATIO))
+        added = throughput["levels"]["1"]["added_p50_ms"]
+        rows.append(("added p50 latency at 1 client", f"{added:+.2f} ms",
+                     f"<= {TARGET_ADDED_P50_MS} ms", added <= TARGET_ADDED_P50_MS))
+    scale = report.get("scale")
+    if scale:
+        ratio = scale["p50_ratio_big_to_small"]
+        rows.append((f"p50 with {scale['big']['stored_messages']:,} vs "
+                     f"{scale['small']['stored_messages']:,} stored messages",
+                     f"{ratio:.2f}x", f"flat (read as <= {FLAT_RATIO}x)", ratio <= FLAT_RATIO))
+    slow = report.get("slow")
+    if slow:
+        rows.append(("slow AI server: wall time / ideal",
+                     f"{slow['wall_s']:.2f} s / {slow['ideal_s']:.2f} s",
+                     f"<= {TARGET_SLOW_OVER_IDEAL:.2f}x",
+                     slow["wall_over_ideal"] <= TARGET_SLOW_OVER_IDEAL))
+    memory = report.get("memory")
+    if memory:
+        rss = memory["bridge_rss_after_mb"]
+        enough = memory["stored_sessions"] >= TARGET_STORED_SESSIONS
+        rows.append((f"bridge RSS, {memory['stored_sessions']:,} sessions stored,"
+                     f" {memory['sessions_used_once']:,} used once", f"{rss:.1f} MB",
+                     f"<= {TARGET_RSS_MB:.0f} MB with 100k stored",
+                     rss <= TARGET_RSS_MB if enough else None))
+        locked = memory["locked_sessions_after"]
+        rows.append(("lock registry after traffic", f"{locked:.0f} entries", "0", locked == 0))
+    return rows
+
+
+def print_report(report: dict[str, Any]) -> None:
+    print()
+    throughput = report.get("throughput")
+    if throughput:
+        print(f"Throughput and latency ({throughput['generator']}, {throughput['sessions']}"
+              f" sessions, {throughput['reps']} x {throughput['duration_s']:.0f} s per target"
+              f" and level; medians)")
+        print(f"  {'clients':>7}  {'target':<22}{'msg/s':>9}{'p50 ms':>9}{'p99 ms':>9}"
+              f"{'errors':>8}{'CPU ms/msg':>12}{'AI CPU':>8}")
+        for level, figures in sorted(throughput["levels"].items(), key=lambda kv: int(kv[0])):
+            for target in ("bridge", "passthrough"):
+                f = figures[target]
+                print(f"  {level:>7}  {target:<22}{f['rps']:9.0f}{f['p50_ms']:9.2f}"
+                      f"{f['p99_ms']:9.2f}{f['http_errors'] + f['socket_errors']:8d}"
+                      f"{f['server_cpu_ms']:12.2f}{f['ai_cpu_ms']:8.2f}")
+            print(f"  {level:>7}  {'bridge/passthrough':<22}{figures['throughput_ratio']:8.2f}x"
+                  f"{figures['p50_ratio']:8.2f}x{figures['p99_ratio']:8.2f}x"
+                  f"   (p50 {figures['added_p50_ms']:+.2f} ms)")
+        ai = throughput["ai_sessions_during_runs"]
+        print(f"  AI sessions during the measured runs: reused {ai['reused']:.0f},"
+              f" created {ai['created']:.0f}, recovered {ai['recovered']:.0f}")
+        print(f"  bridge RSS: idle {throughput['bridge_rss_idle_mb']:.1f} MB, peak"
+              f" {throughput['bridge_peak_rss_mb']:.1f} MB (passthrough peak"
+              f" {throughput['passthrough_peak_rss_mb']:.1f} MB)")
+        print()
+    scale = report.get("scale")
+    if scale:
+        print("Scale (1 client, fresh sessions on a seeded database; medians)")
+        for label in ("small", "big"):
+            s = scale[label]
+            print(f"  {s['stored_messages']:>10,} messages, {s['stored_sessions']:>7,} sessions"
+                  f" ({s['db_mb']:.0f} MB): p50 {s['p50_ms']:.2f} ms, p99 {s['p99_ms']:.2f} ms,"
+                  f" {s['requests']} turns, errors {s['http_errors'] + s['socket_errors']},"
+                  f" bridge RSS idle {s['bridge_rss_idle_mb']:.1f} MB")
+        print(f"  p50 ratio large/small: {scale['p50_ratio_big_to_small']:.2f}x")
+        print()
+    slow = report.get("slow")
+    if slow:
+        print(f"Slow AI server ({slow['ai_delay_s'] * 1000:.0f} ms per /chat,"
+              f" {slow['sessions']} sessions x {slow['turns_each']} turns at once)")
+        print(f"  bridge:      wall {slow['wall_s']:.2f} s against ideal {slow['ideal_s']:.2f} s"
+              f" ({(slow['wall_over_ideal'] - 1) * 100:+.1f}%); slowest conversation"
+              f" {slow['slowest_conversation_s']:.2f} s; outcomes {slow['outcomes']}")
+        floor = slow["passthrough"]
+        print(f"  passthrough: wall {floor['wall_s']:.2f} s (same client and AI server; AI"
+              f" sessions made up front); outcomes {floor['outcomes']}")
+        print(f"  the bridge's own share: {slow['wall_s'] - floor['wall_s']:+.2f} s over the"
+              " passthrough; the rest is what the client, the AI server and the"
+              " passthrough cost on these cores")
+        print()
+    memory = report.get("memory")
+    if memory:
+        print("Memory (bridge process, VmRSS / VmHWM)")
+        print(f"  idle with {memory['stored_sessions']:,} sessions stored:"
+              f" {memory['bridge_rss_idle_mb']:.1f} MB")
+        print(f"  after {memory['sessions_used_once']:,} of {memory['sessions_targeted']:,}"
+              f" sessions were used once ({memory['seconds']:.0f} s,"
+              f" {memory['turns_per_s']:.0f} turns/s, errors"
+              f" {memory['http_errors'] + memory['socket_errors']}):"
+              f" {memory['bridge_rss_after_mb']:.1f} MB,"
+              f" peak {memory['bridge_peak_rss_mb']:.1f} MB")
+        print(f"  lock registry after traffic: {memory['locked_sessions_after']:.0f} entries")
+        print()
+    rows = target_rows(report)
+    if rows:
+        print("Targets (reported, never asserted)")
+        width = max(len(row[0]) for row in rows)
+        for name, figure, target, met in rows:
+            print(f"  {name:<{width}}  {figure:>18}  target {target:<28} {_verdict(met)}")
+        print()
+
+
+# -- running ---------------------------------------------------------------------------------
+
+
+async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    load = LoadGenerator(prefer_wrk=not args.no_wrk)
+    if load.name != "wrk":
+        reason = "--no-wrk" if args.no_wrk else "wrk is not installed (apt-get install wrk)"
+        print(f"note: {reason}: using the Python load generator, which shares the two cores"
+              " with the servers, so absolute figures are low; the ratios still compare.",
+              flush=True)
+    plan = make_plan(args)
+    report: dict[str, Any] = {
+        "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "quick": args.quick,
+        "plan": dataclasses.asdict(plan),
+        "environment": environment(load),
+    }
+    procs = Processes(workdir)
+    ctx = phases.Context(procs, workdir, plan, load, seeded={})
+    failures: dict[str, str] = {}
+    try:
+        for name in args.phases:
+            print(f"== {name}", flush=True)
+            started = time.monotonic()
+            try:
+                report[name] = await PHASES[name](ctx)
+            except (StartError, SetupError, RuntimeError, OSError, aiohttp.ClientError,
+                    subprocess.SubprocessError, sqlite3.Error) as exc:
+                # A part that could not run is reported and the others still run;
+                # the exit status then says the benchmark did not complete.
+                failures[name] = f"{type(exc).__name__}: {exc}"
+                print(f"  {name} failed: {failures[name]}", flush=True)
+            else:
+                report[name]["phase_seconds"] = time.monotonic() - started
+            finally:
+                procs.close()  # whatever a failed part left running
+    finally:
+        procs.close()
+    if failures:
+        report["failures"] = failures
+    return report
+
+
+def save(report: dict[str, Any], results: Path) -> tuple[Path, Path | None]:
+    results.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    json_path = results / f"{stamp}.json"
+    json_path.write_text(json.dumps(report, indent=2) + "\n")
+    png_path: Path | None = None
+    if "throughput" in report:
+        png_path = results / f"{stamp}.png"
+        title = (f"sessionbridge vs bare aiohttp passthrough"
+                 f" ({report['environment']['load_generator']}, {report['environment']['cpus']}"
+                 f" CPUs, {stamp})")
+        if not chart.draw(report["throughput"], title, png_path):
+            print("note: matplotlib is not installed (pip install -e '.[bench]'): no PNG")
+            png_path = None
+    return json_path, png_path
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    started = time.monotonic()
+    workdir = Path(tempfile.mkdtemp(prefix="sessionbridge-bench-"))
+    try:
+        report = asyncio.run(run(args, workdir))
+    finally:
+        if args.keep_workdir:
+            print(f"work folder kept: {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    report["total_seconds"] = time.monotonic() - started
+    print_report(report)
+    json_path, png_path = save(report, args.results)
+    print(f"figures: {json_path}" + (f" and {png_path}" if png_path else ""))
+    print(f"total time: {report['total_seconds']:.0f} s")
+    if "failures" in report:
+        print(f"bench: {len(report['failures'])} part(s) did not run to the end:"
+              f" {', '.join(report['failures'])}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
