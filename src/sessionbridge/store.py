@@ -10,6 +10,9 @@ the process, ``FULL`` also survives power loss.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import sqlite3
 import uuid
 from typing import Any, Protocol
@@ -29,6 +32,9 @@ from .records import (
     TranscriptTurn,
     utc_now,
 )
+
+
+log = logging.getLogger(__name__)
 
 
 class DuplicateKeyName(Exception):
@@ -132,27 +138,72 @@ def _pragmas(synchronous: str) -> list[str]:
     ]
 
 
+# SQLite checkpoints the WAL inside a commit once it reaches a size, and with
+# synchronous=NORMAL that means an fsync of the database file: a stall of
+# ~10 ms for the turn whose commit it lands in. A connection of its own
+# checkpoints in the background instead; the writer keeps a high threshold
+# only as a safety net should the background checkpoints fall behind.
+CHECKPOINT_INTERVAL = 1.0
+WRITER_AUTOCHECKPOINT_PAGES = 20_000
+
+
+async def _open_reader(path: str, synchronous: str) -> aiosqlite.Connection:
+    reader = await aiosqlite.connect(path, isolation_level=None)
+    try:
+        for pragma in _pragmas(synchronous):
+            await reader.execute(pragma)
+    except BaseException:
+        await reader.close()
+        raise
+    return reader
+
+
 class SqliteStore:
-    def __init__(self, writer: GroupCommitWriter, reader: aiosqlite.Connection) -> None:
+    def __init__(
+        self,
+        writer: GroupCommitWriter,
+        reader: aiosqlite.Connection,
+        checkpointer: aiosqlite.Connection,
+    ) -> None:
         self._writer = writer
         self._reader = reader
+        self._checkpointer = checkpointer
+        self._checkpoints = asyncio.create_task(self._checkpoint_forever(), name="wal-checkpoint")
 
     @classmethod
     async def open(cls, path: str, synchronous: str = "NORMAL") -> SqliteStore:
         """Open a migrated database (see schema.apply_migrations)."""
-        writer = await GroupCommitWriter.open(path, _pragmas(synchronous))
+        pragmas = _pragmas(synchronous) + [f"PRAGMA wal_autocheckpoint={WRITER_AUTOCHECKPOINT_PAGES}"]
+        writer = await GroupCommitWriter.open(path, pragmas)
+        readers: list[aiosqlite.Connection] = []
         try:
-            reader = await aiosqlite.connect(path, isolation_level=None)
-            for pragma in _pragmas(synchronous):
-                await reader.execute(pragma)
+            for _ in range(2):
+                readers.append(await _open_reader(path, synchronous))
         except BaseException:
+            for reader in readers:
+                await reader.close()
             await writer.close()
             raise
-        return cls(writer, reader)
+        return cls(writer, readers[0], readers[1])
 
     async def close(self) -> None:
+        self._checkpoints.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._checkpoints
         await self._reader.close()
         await self._writer.close()
+        # Leave a short WAL behind: the next start reads less.
+        await self._checkpointer.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        await self._checkpointer.close()
+
+    async def _checkpoint_forever(self) -> None:
+        while True:
+            await asyncio.sleep(CHECKPOINT_INTERVAL)
+            try:
+                # PASSIVE never waits for readers or the writer.
+                await self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            except sqlite3.Error as exc:
+                log.warning("event=checkpoint_failed error=%s", exc)
 
     async def ping(self) -> None:
         await self._reader.execute_fetchall("SELECT 1")
