@@ -33,5 +33,11 @@ bench: $(STAMP)
 	command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; } || true
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
+## lint: style and strict typing of the package
+lint: $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[lint]'
+	$(BIN)/ruff check src tests bench
+	$(BIN)/mypy src
+
 clean:
 	rm -rf $(VENV) var build src/*.egg-info

@@ -10,10 +10,10 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from aioresponses import aioresponses
-from aioresponses import core as aioresponses_core
 from aiohttp import ClientResponse, web
 from aiohttp.test_utils import TestClient, TestServer
+from aioresponses import aioresponses
+from aioresponses import core as aioresponses_core
 from pytest_aiohttp import AiohttpClient, AiohttpServer
 
 from sessionbridge.app import create_app

@@ -9,6 +9,7 @@ Output goes to files in the test's tmp directory; a failed wait shows them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -121,10 +122,8 @@ class Processes:
             if process.popen.poll() is None:
                 process.popen.kill()
         for process in self._started:
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):  # a stuck kernel
                 process.popen.wait(timeout=10)
-            except subprocess.TimeoutExpired:  # pragma: no cover - a stuck kernel
-                pass
 
 
 async def wait_http_ok(
@@ -141,7 +140,7 @@ async def wait_http_ok(
                 async with http.get(url) as response:
                     if response.status == 200:
                         return
-            except (aiohttp.ClientError, asyncio.TimeoutError):
+            except (TimeoutError, aiohttp.ClientError):
                 pass
             if time.monotonic() > give_up:
                 where = process.describe() if process is not None else ""

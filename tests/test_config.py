@@ -19,7 +19,9 @@ def test_defaults_listen_on_loopback_8080() -> None:
 
 def test_flags_beat_environment_beat_file(tmp_path: Path) -> None:
     config = tmp_path / "bridge.toml"
-    config.write_text('port = 9001\nhost = "0.0.0.0"\nupstream_url = "http://file"\nrecovery_budget = 10\n')
+    config.write_text(
+        'port = 9001\nhost = "0.0.0.0"\nupstream_url = "http://file"\nrecovery_budget = 10\n'
+    )
     environ = {"SESSIONBRIDGE_PORT": "9002", "SESSIONBRIDGE_UPSTREAM_URL": "http://env"}
 
     settings = load_settings({"port": 9003, "db": None}, config_file=config, environ=environ)

@@ -97,13 +97,15 @@ async def test_parallel_sessions_do_not_wait_for_each_other(
 
     # One scenario + one chat take 0.3 s; thirty sessions in series would take 9 s.
     assert elapsed < 2.0, elapsed
-    for sid, body in zip(session_ids, bodies):
+    for sid, body in zip(session_ids, bodies, strict=True):
         assert f"you said 'question for {sid}'" in body["reply"]["content"]
         assert "I hold 0 earlier turns" in body["reply"]["content"]
     assert ai_state.calls["scenario"] == 30
 
 
-async def test_lock_registry_is_empty_when_traffic_stops(api: Api, ai_state: DevServerState) -> None:
+async def test_lock_registry_is_empty_when_traffic_stops(
+    api: Api, ai_state: DevServerState
+) -> None:
     ai_state.delay = 0.01
     session_ids = [await api.new_session() for _ in range(5)]
     await asyncio.gather(*(api.say(sid, f"m{n}") for n in range(3) for sid in session_ids))

@@ -54,7 +54,9 @@ async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
     await opened.close()
 
 
-async def start(store: SqliteStore, ai: ScriptedAI, **settings: object) -> tuple[Conversations, ApiKey, str]:
+async def start(
+    store: SqliteStore, ai: ScriptedAI, **settings: object
+) -> tuple[Conversations, ApiKey, str]:
     key = await store.create_key("k", b"hash")
     session = await store.create_session(key.id, None, "Scenario.", 100)
     service = Conversations(store, ai, Settings(**settings), Metrics())  # type: ignore[arg-type]

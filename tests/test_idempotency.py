@@ -113,7 +113,7 @@ async def test_same_key_with_another_content_is_422_mismatch(
 
     await problem(response, 422, "idempotency_mismatch")
     assert ai_state.calls["chat"] == 1
-    assert [m["content"] for m in await api.messages(session_id)][0] == "hello"
+    assert (await api.messages(session_id))[0]["content"] == "hello"
     assert len(await api.messages(session_id)) == 2
 
 

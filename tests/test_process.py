@@ -410,7 +410,7 @@ async def test_sigterm_cuts_a_turn_off_at_the_grace_not_later(
     assert query(db, "SELECT status FROM messages") == [("failed",)]
 
 
-# -- 7. sd_notify -----------------------------------------------------------------------------------
+# -- 7. sd_notify ----------------------------------------------------------------------
 
 
 async def _next_notification(sock: socket.socket, timeout: float) -> str:

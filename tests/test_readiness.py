@@ -6,7 +6,6 @@ import asyncio
 import time
 
 import aiohttp
-
 from aiohttp.test_utils import TestServer
 
 from sessionbridge.devserver import DevServerState

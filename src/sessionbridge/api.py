@@ -1,4 +1,7 @@
-"""The client API: the /v1 routes. Handlers parse and validate, call one service method, shape the answer."""
+"""The client API: the /v1 routes.
+
+Handlers parse and validate, call one service method and shape the answer.
+"""
 
 from __future__ import annotations
 

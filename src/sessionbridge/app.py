@@ -44,7 +44,9 @@ async def database(app: web.Application) -> AsyncIterator[None]:
     store = await SqliteStore.open(settings.db, settings.db_synchronous)
     cut_off = await store.fail_pending_turns()
     if cut_off:
-        log.warning("event=pending_turns_failed count=%d reason=previous_run_ended_mid_turn", cut_off)
+        log.warning(
+            "event=pending_turns_failed count=%d reason=previous_run_ended_mid_turn", cut_off
+        )
     app[STORE] = store
     yield
     # Turns cancelled by shutdown record their own failure; this catches any

@@ -20,7 +20,7 @@ from .app import create_app
 from .appkeys import CONVERSATIONS
 from .config import ConfigError, Settings, load_settings
 from .notify import notify, watchdog_interval
-from .schema import apply_migrations, rollback_migrations
+from .schema import apply_migrations
 from .store import DuplicateKeyName, SqliteStore
 from .tokens import hash_token, new_token
 
@@ -151,9 +151,12 @@ Try a conversation (paste into another terminal):
 
   export SB={base} TOKEN={token}
   SESSION=$(curl -s -X POST $SB/v1/sessions -H "Authorization: Bearer $TOKEN" \\
-      -d '{{"scenario": "You are a friendly travel guide."}}' | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
-  curl -s -X POST $SB/v1/sessions/$SESSION/messages -H "Authorization: Bearer $TOKEN" -d '{{"content": "Hello!"}}'
-  curl -s -X POST $SB/v1/sessions/$SESSION/messages -H "Authorization: Bearer $TOKEN" -d '{{"content": "And tomorrow?"}}'
+      -d '{{"scenario": "You are a friendly travel guide."}}' \\
+      | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
+  curl -s -X POST $SB/v1/sessions/$SESSION/messages -H "Authorization: Bearer $TOKEN" \\
+      -d '{{"content": "Hello!"}}'
+  curl -s -X POST $SB/v1/sessions/$SESSION/messages -H "Authorization: Bearer $TOKEN" \\
+      -d '{{"content": "And tomorrow?"}}'
   curl -s $SB/v1/sessions/$SESSION/messages -H "Authorization: Bearer $TOKEN"
 
 Stop with Ctrl-C.

@@ -277,7 +277,8 @@ class Conversations:
     async def _create_ai_session(
         self, session: ChatSession, scenario: str, kind: AISessionKind
     ) -> str:
-        endpoint = "init-session" if self._settings.upstream_flavor == "init-session" else "scenario"
+        init_session = self._settings.upstream_flavor == "init-session"
+        endpoint = "init-session" if init_session else "scenario"
         ai_session_id = await self._logged(
             self._ai.create_session(scenario), endpoint, session, kind
         )

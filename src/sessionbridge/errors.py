@@ -171,7 +171,8 @@ def _from_http_exception(exc: web.HTTPException) -> BridgeError:
     if exc.status == 404:
         return NotFound("no such resource")
     if exc.status == 405:
-        return MethodNotAllowed(f"allowed: {', '.join(sorted(getattr(exc, 'allowed_methods', ())))}")
+        allowed = sorted(getattr(exc, "allowed_methods", ()))
+        return MethodNotAllowed(f"allowed: {', '.join(allowed)}")
     if exc.status == 413:
         return TooLarge("request body exceeds the configured limit")
     if exc.status == 400:

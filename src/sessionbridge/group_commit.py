@@ -86,7 +86,7 @@ class GroupCommitWriter:
             batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
             ops = [op for op, _ in batch]
             outcomes = await loop.run_in_executor(self._executor, self._apply, ops)
-            for (_, future), (succeeded, value) in zip(batch, outcomes):
+            for (_, future), (succeeded, value) in zip(batch, outcomes, strict=True):
                 if future.done():  # its waiter was cancelled; the write stands
                     continue
                 if succeeded:

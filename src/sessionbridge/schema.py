@@ -78,8 +78,7 @@ def apply_migrations(db_path: str) -> int:
 def rollback_migrations(db_path: str) -> int:
     """Roll back every applied migration; return how many were rolled back."""
     migrations = read_migrations(str(migrations_dir()))
-    with _backend(db_path) as backend:
-        with backend.lock(timeout=30):
-            applied = backend.to_rollback(migrations)
-            backend.rollback_migrations(applied)
+    with _backend(db_path) as backend, backend.lock(timeout=30):
+        applied = backend.to_rollback(migrations)
+        backend.rollback_migrations(applied)
     return len(applied)

@@ -20,7 +20,6 @@ from typing import Any, Protocol
 import aiosqlite
 
 from .group_commit import GroupCommitWriter
-
 from .records import (
     AISessionKind,
     ApiKey,
@@ -32,7 +31,6 @@ from .records import (
     TranscriptTurn,
     utc_now,
 )
-
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +102,7 @@ class Store(Protocol):
 class IdempotencyStart:
     """An Idempotency-Key being answered: who sent it, the key and the body's fingerprint."""
 
-    __slots__ = ("api_key_id", "key", "fingerprint", "created_at")
+    __slots__ = ("api_key_id", "created_at", "fingerprint", "key")
 
     def __init__(self, api_key_id: int, key: str, fingerprint: str, created_at: float) -> None:
         self.api_key_id = api_key_id
@@ -173,7 +171,10 @@ class SqliteStore:
     @classmethod
     async def open(cls, path: str, synchronous: str = "NORMAL") -> SqliteStore:
         """Open a migrated database (see schema.apply_migrations)."""
-        pragmas = _pragmas(synchronous) + [f"PRAGMA wal_autocheckpoint={WRITER_AUTOCHECKPOINT_PAGES}"]
+        pragmas = [
+            *_pragmas(synchronous),
+            f"PRAGMA wal_autocheckpoint={WRITER_AUTOCHECKPOINT_PAGES}",
+        ]
         writer = await GroupCommitWriter.open(path, pragmas)
         readers: list[aiosqlite.Connection] = []
         try:
@@ -263,7 +264,9 @@ class SqliteStore:
             (session_id, api_key_id, title, scenario, max_tokens, now, now),
         )
         pk = rows[0][0]
-        return ChatSession(pk, session_id, api_key_id, title, scenario, max_tokens, None, 0, now, now)
+        return ChatSession(
+            pk, session_id, api_key_id, title, scenario, max_tokens, None, 0, now, now
+        )
 
     async def get_session(self, api_key_id: int, session_id: str) -> ChatSession | None:
         row = await self._fetchone(
