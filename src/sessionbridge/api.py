@@ -20,6 +20,7 @@ from .records import ApiKey, ChatSession
 MAX_PAGE = 200
 DEFAULT_PAGE = 50
 MAX_IDEMPOTENCY_KEY = 255
+MAX_POSITION = 2**63 - 1  # SQLite's largest INTEGER
 
 routes = web.RouteTableDef()
 
@@ -96,11 +97,27 @@ class Fields:
             raise InvalidField(self.errors)
 
 
+def is_utf8(text: str) -> bool:
+    # aiohttp decodes header bytes with surrogateescape: bytes that are not
+    # UTF-8 arrive as lone surrogates, which SQLite cannot store.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def page_limit(request: web.Request) -> int:
     raw = request.query.get("limit")
     if raw is None:
         return DEFAULT_PAGE
-    if not raw.isascii() or not raw.isdigit() or not 1 <= int(raw) <= MAX_PAGE:
+    # The length check comes first: int() refuses strings of thousands of digits.
+    if (
+        not raw.isascii()
+        or not raw.isdigit()
+        or len(raw.lstrip("0")) > 3
+        or not 1 <= int(raw) <= MAX_PAGE
+    ):
         raise InvalidField([FieldError("limit", f"must be an integer from 1 to {MAX_PAGE}")])
     return int(raw)
 
@@ -117,6 +134,8 @@ def decode_cursor(request: web.Request, kind: str) -> int | None:
         text = base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)).decode("ascii")
         prefix, _, position = text.partition(":")
         if prefix != kind or not position.isdigit() or len(position) > 19:
+            raise ValueError
+        if int(position) > MAX_POSITION:
             raise ValueError
         return int(position)
     except (ValueError, binascii.Error):
@@ -194,6 +213,8 @@ async def post_message(request: web.Request) -> web.Response:
     max_tokens = fields.max_tokens(settings)
     if idempotency_key is not None and not 1 <= len(idempotency_key) <= MAX_IDEMPOTENCY_KEY:
         fields.fail("Idempotency-Key", f"must be 1 to {MAX_IDEMPOTENCY_KEY} characters")
+    elif idempotency_key is not None and not is_utf8(idempotency_key):
+        fields.fail("Idempotency-Key", "must be UTF-8 text")
     fields.check()
     assert content is not None
     result = await request.app[CONVERSATIONS].send(

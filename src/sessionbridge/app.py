@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 import aiohttp
 from aiohttp import web
 
-from . import api, ops
+from . import api, openapi, ops
 from .appkeys import AI_SERVER, CONVERSATIONS, HTTP_CLIENT, METRICS, SETTINGS, STORE
 from .auth import auth_middleware
 from .config import Settings
@@ -114,4 +114,5 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.extend([database, ai_server, conversations, idempotency_purge])
     app.add_routes(api.routes)
     app.add_routes(ops.routes)
+    app.add_routes(openapi.routes)
     return app
