@@ -1,9 +1,9 @@
 """The SQLite write path: one connection on its own thread, committing concurrent writes together.
 
 Every write is a small function of a ``sqlite3.Connection``. Writes that arrive
-while a commit is under way are applied together in the next transaction, each
-inside its own savepoint (so one failing write does not undo the others), and
-committed once: under load a turn's two writes cost a share of a commit
+while a commit is under way are applied together in the next transaction and
+committed once (a failing write makes the batch fall back to one transaction
+per write, so it fails alone): under load a turn's two writes cost a share of a commit
 instead of a commit each, and one thread hop per batch instead of one per
 statement. A write's future resolves only after its transaction committed, so
 nothing is reported stored before it is.
@@ -95,26 +95,35 @@ class GroupCommitWriter:
                     future.set_exception(value)
 
     def _apply(self, ops: list[WriteOp]) -> list[_Outcome]:
-        """Runs on the writer thread: one transaction, one savepoint per write."""
+        """Runs on the writer thread: the whole batch in one transaction.
+
+        Writes rarely fail, so the batch is tried as one transaction first; if
+        any write raises, it is rolled back and every write is applied again in
+        a transaction of its own, so that one failure fails only its own write.
+        (A write is a pure function of the database, safe to apply again.)
+        """
         connection = self._connection
-        outcomes: list[_Outcome] = []
+        if len(ops) > 1:
+            try:
+                connection.execute("BEGIN IMMEDIATE")
+                values = [op(connection) for op in ops]
+                connection.execute("COMMIT")
+                return [(True, value) for value in values]
+            except Exception:
+                if connection.in_transaction:
+                    connection.execute("ROLLBACK")
+        return [self._apply_one(op) for op in ops]
+
+    def _apply_one(self, op: WriteOp) -> _Outcome:
+        connection = self._connection
         try:
             connection.execute("BEGIN IMMEDIATE")
-            for op in ops:
-                connection.execute("SAVEPOINT write_op")
-                try:
-                    value = op(connection)
-                except Exception as exc:
-                    connection.execute("ROLLBACK TO write_op")
-                    connection.execute("RELEASE write_op")
-                    outcomes.append((False, exc))
-                else:
-                    connection.execute("RELEASE write_op")
-                    outcomes.append((True, value))
+            value = op(connection)
             connection.execute("COMMIT")
-        except Exception as exc:  # the commit itself failed (disk full, I/O error)
-            log.error("event=commit_failed writes=%d error=%s", len(ops), type(exc).__name__)
+        except Exception as exc:
             if connection.in_transaction:
                 connection.execute("ROLLBACK")
-            return [(False, exc)] * len(ops)
-        return outcomes
+            if isinstance(exc, sqlite3.OperationalError):  # I/O error, disk full, locked
+                log.error("event=write_failed error=%s", exc)
+            return (False, exc)
+        return (True, value)

@@ -1,0 +1,1 @@
+CREATE INDEX messages_pending ON messages (status) WHERE status = 'pending';

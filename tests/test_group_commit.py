@@ -1,0 +1,67 @@
+"""The group-commit writer: batching, isolation of a failing write, durability order."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from sessionbridge.group_commit import GroupCommitWriter
+
+
+@pytest.fixture
+async def writer(tmp_path: Path) -> AsyncIterator[GroupCommitWriter]:
+    path = str(tmp_path / "w.db")
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE t (n INTEGER PRIMARY KEY)")
+    opened = await GroupCommitWriter.open(path, ["PRAGMA journal_mode=WAL"])
+    yield opened
+    await opened.close()
+
+
+def insert(n: int) -> object:
+    return lambda db: db.execute("INSERT INTO t (n) VALUES (?) RETURNING n", (n,)).fetchone()[0]
+
+
+def count(path: Path) -> int:
+    with sqlite3.connect(path) as db:
+        return int(db.execute("SELECT count(*) FROM t").fetchone()[0])
+
+
+async def test_concurrent_writes_all_commit(writer: GroupCommitWriter, tmp_path: Path) -> None:
+    results = await asyncio.gather(*(writer.run(insert(n)) for n in range(1, 101)))
+
+    assert results == list(range(1, 101))
+    assert count(tmp_path / "w.db") == 100  # visible to another connection: committed
+
+
+async def test_a_failing_write_fails_alone(writer: GroupCommitWriter, tmp_path: Path) -> None:
+    await writer.run(insert(7))
+
+    outcomes = await asyncio.gather(
+        writer.run(insert(1)),
+        writer.run(insert(7)),  # duplicate key
+        writer.run(insert(2)),
+        return_exceptions=True,
+    )
+
+    assert outcomes[0] == 1 and outcomes[2] == 2
+    assert isinstance(outcomes[1], sqlite3.IntegrityError)
+    assert count(tmp_path / "w.db") == 3
+
+
+async def test_close_commits_what_is_pending(tmp_path: Path) -> None:
+    path = str(tmp_path / "c.db")
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE t (n INTEGER PRIMARY KEY)")
+    writer = await GroupCommitWriter.open(path, [])
+    pending = [asyncio.create_task(writer.run(insert(n))) for n in range(5)]
+    await asyncio.sleep(0)
+
+    await writer.close()
+
+    assert [task.result() for task in pending] == list(range(5))
+    assert count(tmp_path / "c.db") == 5
