@@ -82,3 +82,17 @@ async def test_idempotency_outcomes_are_purged_after_their_time(tmp_path: Path) 
         assert await store.get_idempotency(key.id, "new") is not None
     finally:
         await store.close()
+
+
+async def test_the_stricter_durability_setting_reaches_the_writer(tmp_path: Path) -> None:
+    path = str(tmp_path / "f.db")
+    apply_migrations(path)
+    for setting, expected in (("NORMAL", 1), ("FULL", 2)):
+        store = await SqliteStore.open(path, setting)
+        try:
+            level = await store._writer.run(lambda db: db.execute("PRAGMA synchronous").fetchone()[0])
+            mode = await store._writer.run(lambda db: db.execute("PRAGMA journal_mode").fetchone()[0])
+        finally:
+            await store.close()
+
+        assert (level, mode) == (expected, "wal")
