@@ -90,6 +90,18 @@ class Api:
         return list((await response.json())["messages"])
 
 
+async def problem(response: ClientResponse, status: int, code: str) -> dict[str, Any]:
+    """Assert an RFC 9457 problem with this status and code; return its body."""
+    text = await response.text()
+    assert response.status == status, text
+    assert response.content_type == "application/problem+json", response.content_type
+    body: dict[str, Any] = await response.json(content_type=None)
+    assert body["code"] == code, body
+    assert body["status"] == status
+    assert {"type", "title", "detail"} <= body.keys()
+    return body
+
+
 async def issue_token(app: web.Application, name: str) -> str:
     token = new_token()
     await app[STORE].create_key(name, hash_token(token))

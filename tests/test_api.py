@@ -20,24 +20,12 @@ from sessionbridge.appkeys import STORE
 from sessionbridge.config import Settings
 from sessionbridge.devserver import DevServerState
 
-from .conftest import Api, MakeApi, issue_token
+from .conftest import Api, MakeApi, issue_token, problem
 
 SESSION_FIELDS = {"id", "title", "scenario", "max_tokens", "created_at", "updated_at",
                   "message_count"}
 MESSAGE_FIELDS = {"id", "seq", "role", "content", "status", "created_at"}
 RFC3339_UTC = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?Z$")
-
-
-async def problem(response: ClientResponse, status: int, code: str) -> dict[str, Any]:
-    """Assert an RFC 9457 problem with this status and code; return its body."""
-    text = await response.text()
-    assert response.status == status, text
-    assert response.content_type == "application/problem+json", response.content_type
-    body: dict[str, Any] = await response.json(content_type=None)
-    assert body["code"] == code, body
-    assert body["status"] == status
-    assert {"type", "title", "detail"} <= body.keys()
-    return body
 
 
 async def invalid_fields(response: ClientResponse) -> list[str]:

@@ -18,22 +18,11 @@ from sessionbridge.app import create_app
 from sessionbridge.config import Settings
 from sessionbridge.devserver import DevServerState
 
-from .conftest import Api, issue_token
+from .conftest import Api, issue_token, problem
 
 
 def keyed(key: str) -> dict[str, str]:
     return {"Idempotency-Key": key}
-
-
-async def problem(response: ClientResponse, status: int, code: str) -> dict[str, Any]:
-    """Assert an RFC 9457 problem with this status and code; return its body."""
-    text = await response.text()
-    assert response.status == status, text
-    assert response.content_type == "application/problem+json", response.content_type
-    body: dict[str, Any] = await response.json(content_type=None)
-    assert body["code"] == code, body
-    assert body["status"] == status
-    return body
 
 
 async def ok(response: ClientResponse) -> dict[str, Any]:

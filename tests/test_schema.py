@@ -90,8 +90,12 @@ async def test_the_stricter_durability_setting_reaches_the_writer(tmp_path: Path
     for setting, expected in (("NORMAL", 1), ("FULL", 2)):
         store = await SqliteStore.open(path, setting)
         try:
-            level = await store._writer.run(lambda db: db.execute("PRAGMA synchronous").fetchone()[0])
-            mode = await store._writer.run(lambda db: db.execute("PRAGMA journal_mode").fetchone()[0])
+            level = await store._writer.run(
+                lambda db: db.execute("PRAGMA synchronous").fetchone()[0]
+            )
+            mode = await store._writer.run(
+                lambda db: db.execute("PRAGMA journal_mode").fetchone()[0]
+            )
         finally:
             await store.close()
 
