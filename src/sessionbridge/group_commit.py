@@ -85,7 +85,11 @@ class GroupCommitWriter:
                 continue
             batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
             ops = [op for op, _ in batch]
-            outcomes = await loop.run_in_executor(self._executor, self._apply, ops)
+            try:
+                outcomes = await loop.run_in_executor(self._executor, self._apply, ops)
+            except Exception as exc:  # the thread itself failed: no write may hang
+                log.error("event=writer_failed error=%s", type(exc).__name__)
+                outcomes = [(False, exc)] * len(ops)
             for (_, future), (succeeded, value) in zip(batch, outcomes, strict=True):
                 if future.done():  # its waiter was cancelled; the write stands
                     continue
