@@ -24,7 +24,9 @@ import base64
 import collections
 import contextlib
 import json
+import logging
 import threading
+import time
 import urllib.parse
 from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -36,6 +38,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from sessionbridge.app import create_app
+from sessionbridge.cli import quiet_library_loggers
 from sessionbridge.config import Settings, TokenRange
 from sessionbridge.devserver import DevServerState, create_devserver_app
 
@@ -865,3 +868,19 @@ def test_malformed_http_is_answered_with_a_problem(bridge: LiveBridge, data: byt
     reply = bridge.raw(with_connection_close(data))
 
     assert_well_answered(reply, data[:120])
+
+
+def test_malformed_http_is_logged_as_one_line_not_a_traceback(
+    bridge: LiveBridge, caplog: pytest.LogCaptureFixture
+) -> None:
+    quiet_library_loggers()  # as the command line sets up logging
+    caplog.set_level(logging.INFO, logger="aiohttp.server")
+
+    reply = bridge.raw(with_connection_close(b"GET /\x00 HTTP/1.1\r\nHost: x\r\n\r\n"))
+    time.sleep(0.1)  # the bridge's own thread writes the record
+
+    assert reply.status == 400
+    records = [r for r in caplog.records if r.name == "aiohttp.server"]
+    assert records, "the malformed request was logged"
+    assert all(r.exc_info is None and r.levelno == logging.INFO for r in records)
+    assert any("event=malformed_request" in r.getMessage() for r in records)

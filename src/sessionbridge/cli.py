@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 from aiohttp import web
+from aiohttp.http_exceptions import BadHttpMessage
 
 from .app import create_app
 from .appkeys import CONVERSATIONS
@@ -205,11 +206,33 @@ async def keys_command(settings: Settings, action: str, name: str | None) -> int
         await store.close()
 
 
+class MalformedRequestFilter(logging.Filter):
+    """Turns the HTTP parser's traceback for a malformed request into one line.
+
+    A request that is not valid HTTP is the client's fault and is already
+    answered 400; a traceback per such request would let anyone flood the log.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if not isinstance(error, BadHttpMessage):
+            return True
+        record.msg = "event=malformed_request error=%s"
+        record.args = (type(error).__name__,)
+        record.exc_info = None
+        record.exc_text = None
+        record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
+
 def quiet_library_loggers() -> None:
     # aiosqlite's debug trace prints every statement with its parameters
     # (message text, AI session ids); yoyo narrates each migration step.
     logging.getLogger("aiosqlite").setLevel(logging.WARNING)
     logging.getLogger("yoyo").setLevel(logging.WARNING)
+    server_log = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, MalformedRequestFilter) for f in server_log.filters):
+        server_log.addFilter(MalformedRequestFilter())
 
 
 # -- argument parsing ----------------------------------------------------------------------------
