@@ -132,3 +132,44 @@ def test_recovery_scenario_lists_turns_oldest_first() -> None:
     assert text.startswith("Base.\n")
     assert text.index("User: q1") < text.index("Assistant: a1") < text.index("User: q2")
     assert recovery_scenario("Base.", []) == "Base."
+
+
+async def test_a_stored_max_tokens_outside_a_narrowed_range_is_moved_into_it(
+    store: SqliteStore,
+) -> None:
+    from sessionbridge.config import TokenRange
+
+    seen: list[int] = []
+
+    class Recording(ScriptedAI):
+        async def chat(self, ai_session_id: str, message: str, max_tokens: int) -> str:
+            seen.append(max_tokens)
+            return "ok"
+
+    # The session was created with 100; the AI server now accepts 10-50.
+    service, key, session_id = await start(
+        store, Recording([]), upstream_max_tokens=TokenRange(10, 50)
+    )
+    await service.send(key, session_id, "a", None)
+
+    assert seen == [50]
+
+
+async def test_an_answer_that_cannot_be_stored_leaves_its_question_failed(
+    store: SqliteStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sqlite3
+
+    async def disk_full(*args: object, **kwargs: object) -> None:
+        raise sqlite3.OperationalError("database or disk is full")
+
+    service, key, session_id = await start(store, ScriptedAI(["an answer"]))
+    monkeypatch.setattr(store, "finish_turn", disk_full)
+
+    with pytest.raises(sqlite3.OperationalError):
+        await service.send(key, session_id, "hello", None)
+
+    session = await store.get_session(key.id, session_id)
+    assert session is not None
+    messages = await store.list_messages(session.pk, 10, None)
+    assert [(m.role, m.status) for m in messages] == [("user", "failed")]

@@ -10,6 +10,7 @@ reply is retried and never stored; a failed turn keeps its question as
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -223,7 +224,7 @@ class Conversations:
             self.forget(session.id)
             raise NotFound("no such session") from None
         try:
-            reply, kind = await self._exchange(session, content, max_tokens or session.max_tokens)
+            reply, kind = await self._exchange(session, content, self._tokens(session, max_tokens))
         except BaseException as exc:
             # Shielded: a turn cancelled by shutdown still records its failure.
             await asyncio.shield(self._store.fail_turn(session.pk, question.pk, idempotency))
@@ -240,6 +241,13 @@ class Conversations:
             self.forget(session.id)
             self._metrics.turns.labels("not_found").inc()
             raise NotFound("the session was deleted during the turn") from None
+        except Exception:
+            # The answer could not be stored (disk full, I/O error): the question
+            # must not stay pending until the next start.
+            log.exception("event=answer_not_stored session=%s", session.id)
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._store.fail_turn(session.pk, question.pk, idempotency))
+            raise
         self._metrics.turns.labels("answered").inc()
         return TurnResult(
             Message(question.pk, question.id, question.seq, "user", question.content,
@@ -247,6 +255,14 @@ class Conversations:
             answer,
             kind,
         )
+
+    def _tokens(self, session: ChatSession, requested: int | None) -> int:
+        # A session keeps the max_tokens it was created with; if the operator
+        # has since narrowed the AI server's range, the value is moved into it
+        # so the AI server never sees one it rejects.
+        limits = self._settings.upstream_max_tokens
+        wanted = requested if requested is not None else session.max_tokens
+        return min(max(wanted, limits.low), limits.high)
 
     async def _exchange(
         self, session: ChatSession, content: str, max_tokens: int
