@@ -3,9 +3,9 @@
 Every write is a small function of a ``sqlite3.Connection``. Writes that arrive
 while a commit is under way are applied together in the next transaction and
 committed once (a failing write makes the batch fall back to one transaction
-per write, so it fails alone): under load a turn's two writes cost a share of a commit
-instead of a commit each, and one thread hop per batch instead of one per
-statement. A write's future resolves only after its transaction committed, so
+per write, so it fails alone): under load a turn's two writes cost a share of
+a commit instead of a commit each, and one thread hop per batch instead of one
+per statement. A write's future resolves only after its transaction committed, so
 nothing is reported stored before it is.
 """
 
@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import queue
 import sqlite3
+import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 log = logging.getLogger(__name__)
@@ -23,80 +24,101 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 WriteOp = Callable[[sqlite3.Connection], Any]
 _Outcome = tuple[bool, Any]  # (succeeded, result or exception)
+_Batch = list[tuple[WriteOp, "asyncio.Future[Any]"]]
 
 # A batch is bounded so one commit never holds a huge transaction.
 MAX_BATCH = 256
 
 
 class GroupCommitWriter:
-    def __init__(self, connection: sqlite3.Connection, executor: ThreadPoolExecutor) -> None:
+    """At most one batch is on the writer thread at a time; the next one gathers meanwhile.
+
+    The hand-off is one queue put to the thread and one ``call_soon_threadsafe``
+    back per batch: every hop between the event loop and a thread costs the
+    loop a wake-up and a turn of the GIL, so the hand-off is kept to that.
+    """
+
+    def __init__(self, connection: sqlite3.Connection) -> None:
         self._connection = connection
-        self._executor = executor
-        self._pending: list[tuple[WriteOp, asyncio.Future[Any]]] = []
-        self._wakeup = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
+        self._pending: _Batch = []
+        self._in_flight = False
         self._closing = False
-        self._task = asyncio.create_task(self._commit_forever(), name="sqlite-group-commit")
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._batches: queue.SimpleQueue[_Batch | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(
+            target=self._serve, name="sqlite-writer", daemon=True
+        )
+        self._thread.start()
 
     @classmethod
     async def open(cls, path: str, pragmas: list[str]) -> GroupCommitWriter:
-        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-writer")
-
         def connect() -> sqlite3.Connection:
             # isolation_level=None: the writer begins and commits explicitly.
             connection = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-            for pragma in pragmas:
-                connection.execute(pragma)
+            try:
+                for pragma in pragmas:
+                    connection.execute(pragma)
+            except BaseException:
+                connection.close()
+                raise
             return connection
 
-        loop = asyncio.get_running_loop()
-        try:
-            connection = await loop.run_in_executor(executor, connect)
-        except BaseException:
-            executor.shutdown(wait=False)
-            raise
-        return cls(connection, executor)
+        return cls(await asyncio.to_thread(connect))
 
     async def run(self, op: Callable[[sqlite3.Connection], T]) -> T:
         """Apply ``op`` in the next transaction; return its result once committed."""
         if self._closing:
             raise RuntimeError("the database writer is closed")
-        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[T] = self._loop.create_future()
         self._pending.append((op, future))
-        self._wakeup.set()
+        if not self._in_flight:
+            self._send_next()
         return await future
 
     async def close(self) -> None:
-        """Commit what is pending, then close the connection and its thread."""
+        """Commit what is pending, then close the connection and stop the thread."""
         self._closing = True
-        self._wakeup.set()
-        await self._task
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._executor, self._connection.close)
-        self._executor.shutdown(wait=True)
+        await self._idle.wait()
+        self._batches.put(None)
+        await asyncio.to_thread(self._thread.join)
 
-    async def _commit_forever(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            if not self._pending:
-                if self._closing:
-                    return
-                await self._wakeup.wait()
-                self._wakeup.clear()
+    def _send_next(self) -> None:
+        batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
+        self._in_flight = True
+        self._idle.clear()
+        self._batches.put(batch)
+
+    def _deliver(self, batch: _Batch, outcomes: list[_Outcome]) -> None:
+        """On the event loop: resolve a committed batch, send the next one."""
+        for (_, future), (succeeded, value) in zip(batch, outcomes, strict=True):
+            if future.done():  # its waiter was cancelled; the write stands
                 continue
-            batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
+            if succeeded:
+                future.set_result(value)
+            else:
+                future.set_exception(value)
+        self._in_flight = False
+        if self._pending:
+            self._send_next()
+        else:
+            self._idle.set()
+
+    def _serve(self) -> None:
+        """The writer thread: apply batches until told to stop, then close the connection."""
+        while (batch := self._batches.get()) is not None:
             ops = [op for op, _ in batch]
             try:
-                outcomes = await loop.run_in_executor(self._executor, self._apply, ops)
-            except Exception as exc:  # the thread itself failed: no write may hang
+                outcomes = self._apply(ops)
+            except BaseException as exc:  # never leave a batch's writers waiting
                 log.error("event=writer_failed error=%s", type(exc).__name__)
                 outcomes = [(False, exc)] * len(ops)
-            for (_, future), (succeeded, value) in zip(batch, outcomes, strict=True):
-                if future.done():  # its waiter was cancelled; the write stands
-                    continue
-                if succeeded:
-                    future.set_result(value)
-                else:
-                    future.set_exception(value)
+            try:
+                self._loop.call_soon_threadsafe(self._deliver, batch, outcomes)
+            except RuntimeError:  # the loop is closed: nobody is waiting any more
+                break
+        self._connection.close()
 
     def _apply(self, ops: list[WriteOp]) -> list[_Outcome]:
         """Runs on the writer thread: the whole batch in one transaction.
