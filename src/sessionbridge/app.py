@@ -80,7 +80,9 @@ async def ai_server(app: web.Application) -> AsyncIterator[None]:
 
 async def conversations(app: web.Application) -> AsyncIterator[None]:
     service = Conversations(app[STORE], app[AI_SERVER], app[SETTINGS], app[METRICS])
+    # Read when scraped, so a turn pays nothing to keep them current.
     app[METRICS].locked_sessions.set_function(lambda: len(service.locks))
+    app[METRICS].inflight.set_function(lambda: service.inflight)
     app[CONVERSATIONS] = service
     yield
 

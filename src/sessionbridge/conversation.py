@@ -201,12 +201,10 @@ class Conversations:
             if self.inflight >= self._settings.max_inflight:
                 raise Overloaded(f"{self.inflight} turns are already in flight")
             self.inflight += 1
-            self._metrics.inflight.set(self.inflight)
             try:
                 return await self._run(session, content, max_tokens, idempotency, retry_message_pk)
             finally:
                 self.inflight -= 1
-                self._metrics.inflight.set(self.inflight)
 
     async def _run(
         self,
