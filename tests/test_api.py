@@ -816,3 +816,24 @@ async def test_a_body_that_is_not_utf8_is_invalid_json(api: Api) -> None:
 
     assert response.status == 400
     assert (await response.json())["code"] == "invalid_json"
+
+
+async def test_a_revocation_by_another_connection_takes_effect_within_the_key_cache(
+    make_api: MakeApi, settings: Settings
+) -> None:
+    from sessionbridge.store import SqliteStore
+
+    api = await make_api(key_cache_seconds=0.3)
+    assert (await api.request("GET", "/v1/sessions")).status == 200
+    other = await SqliteStore.open(settings.db)  # as `sessionbridge keys revoke` would
+    try:
+        assert await other.revoke_key("test")
+    finally:
+        await other.close()
+
+    cached = await api.request("GET", "/v1/sessions")
+    await asyncio.sleep(0.35)
+    expired = await api.request("GET", "/v1/sessions")
+
+    assert cached.status == 200  # still within the cache's 0.3 s
+    await problem(expired, 401, "unauthorized")

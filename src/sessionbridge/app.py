@@ -41,7 +41,9 @@ async def database(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     # yoyo is synchronous: keep it off the event loop.
     await asyncio.to_thread(apply_migrations, settings.db)
-    store = await SqliteStore.open(settings.db, settings.db_synchronous)
+    store = await SqliteStore.open(
+        settings.db, settings.db_synchronous, key_cache_seconds=settings.key_cache_seconds
+    )
     cut_off = await store.fail_pending_turns()
     if cut_off:
         log.warning(

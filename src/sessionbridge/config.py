@@ -80,6 +80,9 @@ class Settings:
     max_inflight: int = 32
     shutdown_grace: float = 30.0
     idempotency_ttl: float = 24 * 3600.0
+    # How long a live API key is trusted without asking the database again;
+    # a `keys revoke` from another process takes effect within it (0: at once).
+    key_cache_seconds: float = 1.0
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:
@@ -93,7 +96,7 @@ class Settings:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive")
         for name in ("empty_reply_retries", "recovery_budget", "session_queue",
-                     "shutdown_grace", "ready_grace"):
+                     "shutdown_grace", "ready_grace", "key_cache_seconds"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must not be negative")
 

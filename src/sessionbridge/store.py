@@ -158,6 +158,7 @@ def _pragmas(synchronous: str) -> list[str]:
 # checkpoints in the background instead; the writer keeps a high threshold
 # only as a safety net should the background checkpoints fall behind.
 CHECKPOINT_INTERVAL = 1.0
+KEY_CACHE_SIZE = 1024
 WRITER_AUTOCHECKPOINT_PAGES = 20_000
 
 
@@ -178,14 +179,26 @@ class SqliteStore:
         writer: GroupCommitWriter,
         reader: aiosqlite.Connection,
         checkpointer: aiosqlite.Connection,
+        key_cache_seconds: float = 0.0,
     ) -> None:
         self._writer = writer
         self._reader = reader
         self._checkpointer = checkpointer
+        # Live keys seen recently, by token hash, with the time they were read.
+        # Every request needs its key; a read through the reader thread costs
+        # the event loop a wake-up and a turn of the GIL, the largest single
+        # cost of a turn under load. A revocation through this store clears
+        # the cache at once; one by another process (`keys revoke`) is seen
+        # once the entry is older than key_cache_seconds. Unknown tokens are
+        # never cached.
+        self._key_cache_seconds = key_cache_seconds
+        self._keys: dict[bytes, tuple[ApiKey, float]] = {}
         self._checkpoints = asyncio.create_task(self._checkpoint_forever(), name="wal-checkpoint")
 
     @classmethod
-    async def open(cls, path: str, synchronous: str = "NORMAL") -> SqliteStore:
+    async def open(
+        cls, path: str, synchronous: str = "NORMAL", key_cache_seconds: float = 0.0
+    ) -> SqliteStore:
         """Open a migrated database (see schema.apply_migrations)."""
         pragmas = [
             *_pragmas(synchronous),
@@ -201,7 +214,7 @@ class SqliteStore:
                 await reader.close()
             await writer.close()
             raise
-        return cls(writer, readers[0], readers[1])
+        return cls(writer, readers[0], readers[1], key_cache_seconds)
 
     async def close(self) -> None:
         self._checkpoints.cancel()
@@ -257,15 +270,28 @@ class SqliteStore:
             "UPDATE api_keys SET revoked_at = ? WHERE name = ? AND revoked_at IS NULL RETURNING id",
             (utc_now(), name),
         )
+        self._keys.clear()
         return bool(rows)
 
     async def key_for_token_hash(self, token_hash: bytes) -> ApiKey | None:
+        now = time.monotonic()
+        cached = self._keys.get(token_hash)
+        if cached is not None and now - cached[1] < self._key_cache_seconds:
+            return cached[0]
         row = await self._fetchone(
             "SELECT id, name, created_at, revoked_at FROM api_keys"
             " WHERE token_hash = ? AND revoked_at IS NULL",
             (token_hash,),
         )
-        return None if row is None else ApiKey(*row)
+        if row is None:
+            self._keys.pop(token_hash, None)
+            return None
+        key = ApiKey(*row)
+        if self._key_cache_seconds > 0:
+            if len(self._keys) >= KEY_CACHE_SIZE:
+                self._keys.clear()  # a crude bound; live keys are few
+            self._keys[token_hash] = (key, now)
+        return key
 
     # -- chat sessions ------------------------------------------------------
 
