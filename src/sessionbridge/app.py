@@ -31,8 +31,8 @@ async def metrics_middleware(request: web.Request, handler: Handler) -> web.Stre
     response = await handler(request)
     resource = request.match_info.route.resource
     route = resource.canonical if resource is not None else "unmatched"
-    request.app[METRICS].requests.labels(request.method, route, str(response.status)).observe(
-        time.monotonic() - started
+    request.app[METRICS].observe_request(
+        request.method, route, response.status, time.monotonic() - started
     )
     return response
 

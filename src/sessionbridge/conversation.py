@@ -227,7 +227,7 @@ class Conversations:
             # Shielded: a turn cancelled by shutdown still records its failure.
             await asyncio.shield(self._store.fail_turn(session.pk, question.pk, idempotency))
             outcome = exc.code if isinstance(exc, BridgeError) else type(exc).__name__
-            self._metrics.turns.labels(outcome).inc()
+            self._metrics.count_turn(outcome)
             log.info("event=turn_failed session=%s outcome=%s", session.id, outcome)
             raise
         try:
@@ -237,7 +237,7 @@ class Conversations:
         except SessionGone:
             # Deleted while the AI server was answering: nothing is left to store into.
             self.forget(session.id)
-            self._metrics.turns.labels("not_found").inc()
+            self._metrics.count_turn("not_found")
             raise NotFound("the session was deleted during the turn") from None
         except Exception:
             # The answer could not be stored (disk full, I/O error): the question
@@ -246,7 +246,7 @@ class Conversations:
             with contextlib.suppress(Exception):
                 await asyncio.shield(self._store.fail_turn(session.pk, question.pk, idempotency))
             raise
-        self._metrics.turns.labels("answered").inc()
+        self._metrics.count_turn("answered")
         return TurnResult(
             Message(question.pk, question.id, question.seq, "user", question.content,
                     "answered", question.created_at),
@@ -271,7 +271,7 @@ class Conversations:
             kind = "created"
             ai_session_id = await self._create_ai_session(session, session.scenario, kind)
         else:
-            self._metrics.ai_sessions.labels(kind).inc()
+            self._metrics.count_ai_session(kind)
         try:
             return await self._chat(session, ai_session_id, content, max_tokens, kind), kind
         except SessionLost:
@@ -299,7 +299,7 @@ class Conversations:
         # Stored at once: even if the first /chat fails, the next message reuses it.
         await self._store.set_ai_session(session.pk, ai_session_id)
         self._remember(dataclasses.replace(session, ai_session_id=ai_session_id))
-        self._metrics.ai_sessions.labels(kind).inc()
+        self._metrics.count_ai_session(kind)
         return ai_session_id
 
     async def _chat(

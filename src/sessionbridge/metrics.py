@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
 # Client requests take milliseconds without the AI server and up to minutes with it.
@@ -60,5 +62,25 @@ class Metrics:
             registry=self.registry,
         )
 
+        # labels() takes a lock and builds a key on every call; the hot
+        # children are looked up once and kept here.
+        self._children: dict[tuple[str, ...], Any] = {}
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        key = (str(id(metric)), *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
     def observe_upstream(self, endpoint: str, outcome: str, seconds: float) -> None:
-        self.upstream_calls.labels(endpoint, outcome).observe(seconds)
+        self._child(self.upstream_calls, endpoint, outcome).observe(seconds)
+
+    def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
+        self._child(self.requests, method, route, str(status)).observe(seconds)
+
+    def count_turn(self, outcome: str) -> None:
+        self._child(self.turns, outcome).inc()
+
+    def count_ai_session(self, kind: str) -> None:
+        self._child(self.ai_sessions, kind).inc()

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import os
 import sqlite3
@@ -408,7 +407,9 @@ class SqliteStore:
         if row is None:
             raise SessionGone(f"chat session {session_pk} is gone")
         pk, seq = row
-        return dataclasses.replace(draft, pk=pk, seq=seq)
+        return Message(
+            pk, draft.id, seq, draft.role, draft.content, draft.status, draft.created_at
+        )
 
     @staticmethod
     def _draft(role: Role, content: str, status: MessageStatus) -> Message:
