@@ -21,6 +21,8 @@ from sessionbridge.upstream import HealthReport
 class ScriptedAI:
     """An AI server whose /chat answers come from a list: a string or an exception."""
 
+    create_endpoint = "scenario"
+
     def __init__(self, replies: list[str | Exception]) -> None:
         self.replies = replies
         self.created: list[str] = []

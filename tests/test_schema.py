@@ -63,7 +63,7 @@ async def test_recent_turns_keep_the_newest_within_budget(tmp_path: Path) -> Non
 
 
 async def test_idempotency_outcomes_are_purged_after_their_time(tmp_path: Path) -> None:
-    from sessionbridge.store import IdempotencyStart
+    from sessionbridge.records import IdempotencyStart
 
     path = str(tmp_path / "i.db")
     apply_migrations(path)

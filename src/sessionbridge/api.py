@@ -47,6 +47,19 @@ async def read_object(request: web.Request) -> dict[str, Any]:
     return body
 
 
+def is_utf8(text: str) -> bool:
+    """Whether ``text`` can be stored: no lone surrogates.
+
+    They come from a JSON ``\\ud800`` escape, or from header bytes that are not
+    UTF-8 (aiohttp decodes headers with surrogateescape); SQLite cannot store them.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 class Fields:
     """Collects every field error of one request, so a client sees them all at once."""
 
@@ -75,9 +88,7 @@ class Fields:
         if "\x00" in value:
             self.fail(field, "must not contain NUL characters")
             return None
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:  # a lone surrogate from a \ud800 escape
+        if not is_utf8(value):
             self.fail(field, "must be valid Unicode (no lone surrogates)")
             return None
         return value
@@ -95,16 +106,6 @@ class Fields:
     def check(self) -> None:
         if self.errors:
             raise InvalidField(self.errors)
-
-
-def is_utf8(text: str) -> bool:
-    # aiohttp decodes header bytes with surrogateescape: bytes that are not
-    # UTF-8 arrive as lone surrogates, which SQLite cannot store.
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def page_limit(request: web.Request) -> int:
@@ -133,9 +134,13 @@ def decode_cursor(request: web.Request, kind: str) -> int | None:
     try:
         text = base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)).decode("ascii")
         prefix, _, position = text.partition(":")
-        if prefix != kind or not position.isdigit() or len(position) > 19:
-            raise ValueError
-        if int(position) > MAX_POSITION:
+        # The length check keeps int() away from absurd digit strings.
+        if (
+            prefix != kind
+            or not position.isdigit()
+            or len(position) > 19
+            or int(position) > MAX_POSITION
+        ):
             raise ValueError
         return int(position)
     except (ValueError, binascii.Error):

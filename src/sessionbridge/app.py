@@ -10,13 +10,14 @@ from collections.abc import AsyncIterator
 
 import aiohttp
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from . import api, openapi, ops
-from .appkeys import AI_SERVER, CONVERSATIONS, HTTP_CLIENT, METRICS, SETTINGS, STORE
+from .appkeys import AI_SERVER, CONVERSATIONS, METRICS, SETTINGS, STORE
 from .auth import auth_middleware
 from .config import Settings
 from .conversation import Conversations
-from .errors import Handler, problem_middleware
+from .errors import problem_middleware
 from .metrics import Metrics
 from .schema import apply_migrations
 from .store import SqliteStore
@@ -66,7 +67,6 @@ async def ai_server(app: web.Application) -> AsyncIterator[None]:
         connector=aiohttp.TCPConnector(limit=settings.max_inflight + 8),
         timeout=aiohttp.ClientTimeout(total=settings.upstream_timeout),
     )
-    app[HTTP_CLIENT] = http
     app[AI_SERVER] = SessionServerClient(
         http,
         settings.upstream_url,

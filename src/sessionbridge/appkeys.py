@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import aiohttp
 from aiohttp import web
 
 from .config import Settings
@@ -15,7 +14,6 @@ from .upstream import AIServer
 SETTINGS = web.AppKey("settings", Settings)
 METRICS = web.AppKey("metrics", Metrics)
 STORE = web.AppKey("store", Store)
-HTTP_CLIENT = web.AppKey("http_client", aiohttp.ClientSession)
 AI_SERVER = web.AppKey("ai_server", AIServer)
 CONVERSATIONS = web.AppKey("conversations", Conversations)
 

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from .appkeys import API_KEY, STORE
-from .errors import Handler, Unauthorized
+from .errors import Unauthorized
 from .tokens import hash_token
 
 PROTECTED_PREFIX = "/v1"

@@ -20,7 +20,7 @@ from aiohttp.http_exceptions import BadHttpMessage
 from .app import create_app
 from .appkeys import CONVERSATIONS
 from .config import ConfigError, Settings, load_settings
-from .notify import notify, watchdog_interval
+from .notify import feed_watchdog, notify, watchdog_interval
 from .schema import apply_migrations
 from .store import DuplicateKeyName, SqliteStore
 from .tokens import hash_token, new_token
@@ -33,12 +33,6 @@ _CANCEL_WAIT = 0.1
 
 
 # -- serving -------------------------------------------------------------------------------
-
-
-async def _feed_watchdog(interval: float) -> None:
-    while True:
-        notify("WATCHDOG=1")
-        await asyncio.sleep(interval)
 
 
 async def serve(settings: Settings, banner: str | None = None) -> None:
@@ -71,7 +65,7 @@ async def serve(settings: Settings, banner: str | None = None) -> None:
             print(banner, flush=True)
         interval = watchdog_interval()
         if interval:
-            watchdog = asyncio.create_task(_feed_watchdog(interval))
+            watchdog = asyncio.create_task(feed_watchdog(interval))
         await stop.wait()
         notify("STOPPING=1")
         log.info("event=stopping grace_seconds=%s", settings.shutdown_grace)

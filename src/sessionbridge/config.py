@@ -36,6 +36,10 @@ class TokenRange:
     def __str__(self) -> str:
         return f"{self.low}-{self.high}"
 
+    def clamp(self, value: int) -> int:
+        """The nearest value inside the range."""
+        return min(max(value, self.low), self.high)
+
     @classmethod
     def parse(cls, text: str) -> TokenRange:
         low_text, sep, high_text = text.partition("-")
@@ -103,8 +107,7 @@ class Settings:
     @property
     def session_max_tokens_default(self) -> int:
         """The max_tokens a session gets when its creator names none, kept inside the range."""
-        limits = self.upstream_max_tokens
-        return min(max(self.default_max_tokens, limits.low), limits.high)
+        return self.upstream_max_tokens.clamp(self.default_max_tokens)
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Settings)}

@@ -39,10 +39,11 @@ from .records import (
     ApiKey,
     ChatSession,
     IdempotencyRecord,
+    IdempotencyStart,
     Message,
     TranscriptTurn,
 )
-from .store import IdempotencyStart, SessionGone, Store
+from .store import SessionGone, Store
 from .upstream import AIServer
 
 log = logging.getLogger(__name__)
@@ -258,9 +259,8 @@ class Conversations:
         # A session keeps the max_tokens it was created with; if the operator
         # has since narrowed the AI server's range, the value is moved into it
         # so the AI server never sees one it rejects.
-        limits = self._settings.upstream_max_tokens
         wanted = requested if requested is not None else session.max_tokens
-        return min(max(wanted, limits.low), limits.high)
+        return self._settings.upstream_max_tokens.clamp(wanted)
 
     async def _exchange(
         self, session: ChatSession, content: str, max_tokens: int
@@ -291,10 +291,8 @@ class Conversations:
     async def _create_ai_session(
         self, session: ChatSession, scenario: str, kind: AISessionKind
     ) -> str:
-        init_session = self._settings.upstream_flavor == "init-session"
-        endpoint = "init-session" if init_session else "scenario"
         ai_session_id = await self._logged(
-            self._ai.create_session(scenario), endpoint, session, kind
+            self._ai.create_session(scenario), self._ai.create_endpoint, session, kind
         )
         # Stored at once: even if the first /chat fails, the next message reuses it.
         await self._store.set_ai_session(session.pk, ai_session_id)

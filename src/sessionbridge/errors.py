@@ -28,11 +28,11 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 log = logging.getLogger(__name__)
 
@@ -180,9 +180,6 @@ def _from_http_exception(exc: web.HTTPException) -> BridgeError:
     error = BridgeError(exc.reason)
     error.status, error.code, error.title = exc.status, "http_error", exc.reason
     return error
-
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 @web.middleware

@@ -10,7 +10,7 @@ import asyncio
 import logging
 import os
 import socket
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +46,8 @@ def watchdog_interval(environ: Mapping[str, str] | None = None) -> float | None:
         return None
 
 
-async def watchdog_pings(interval: float) -> AsyncIterator[None]:
-    """Ping the watchdog every ``interval`` seconds while the event loop turns."""
+async def feed_watchdog(interval: float) -> None:
+    """Ping the watchdog every ``interval`` seconds for as long as the event loop turns."""
     while True:
         notify("WATCHDOG=1")
-        yield
         await asyncio.sleep(interval)

@@ -88,6 +88,16 @@ class IdempotencyRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class IdempotencyStart:
+    """An Idempotency-Key being answered: who sent it, the key and the body's fingerprint."""
+
+    api_key_id: int
+    key: str
+    fingerprint: str
+    created_at: float  # unix time, for expiry
+
+
+@dataclass(frozen=True, slots=True)
 class TranscriptTurn:
     user: str
     assistant: str

@@ -27,6 +27,7 @@ from .records import (
     ApiKey,
     ChatSession,
     IdempotencyRecord,
+    IdempotencyStart,
     Message,
     MessageStatus,
     Role,
@@ -99,18 +100,6 @@ class Store(Protocol):
     async def get_idempotency(self, api_key_id: int, key: str) -> IdempotencyRecord | None: ...
     async def purge_idempotency(self, older_than: float) -> int: ...
     async def fail_pending_turns(self) -> int: ...
-
-
-class IdempotencyStart:
-    """An Idempotency-Key being answered: who sent it, the key and the body's fingerprint."""
-
-    __slots__ = ("api_key_id", "created_at", "fingerprint", "key")
-
-    def __init__(self, api_key_id: int, key: str, fingerprint: str, created_at: float) -> None:
-        self.api_key_id = api_key_id
-        self.key = key
-        self.fingerprint = fingerprint
-        self.created_at = created_at
 
 
 _SESSION_COLUMNS = (

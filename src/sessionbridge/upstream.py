@@ -35,6 +35,8 @@ class AIServer(Protocol):
 
     # Monotonic time of the last successful call, or None: readiness uses it.
     last_success: float | None
+    # The endpoint that creates a session, for log lines.
+    create_endpoint: str
 
     async def create_session(self, scenario: str) -> str:
         """Create an AI session holding ``scenario``; return its id."""
@@ -89,7 +91,7 @@ class SessionServerClient:
     ) -> None:
         self._http = http
         self._base = base_url.rstrip("/")
-        self._flavor = flavor
+        self.create_endpoint = "init-session" if flavor == "init-session" else "scenario"
         self._headers: dict[str, str] = {}
         if user or password:
             self._headers["Authorization"] = aiohttp.encode_basic_auth(user, password)
@@ -98,12 +100,12 @@ class SessionServerClient:
         self.last_success: float | None = None  # monotonic time of the last good answer
 
     async def create_session(self, scenario: str) -> str:
-        if self._flavor == "init-session":
+        if self.create_endpoint == "init-session":
             # The later generation lets the caller name the session; a fresh
             # UUID can never collide with (and so reset) a live one.
             ai_session_id = uuid.uuid4().hex
             await self._call(
-                "init-session",
+                self.create_endpoint,
                 {"session_id": ai_session_id, "system_prompt": scenario},
             )
             return ai_session_id
