@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import AsyncIterator
 from typing import Any
@@ -36,6 +37,12 @@ def sent(mocked: aioresponses, path: str) -> list[dict[str, Any]]:
     return [call.kwargs for call in mocked.requests[("POST", URL(BASE + path))]]
 
 
+def json_body(request: dict[str, Any]) -> Any:
+    """The JSON document a mocked call sent: encoded bytes, declared as JSON."""
+    assert request["headers"]["Content-Type"] == "application/json"
+    return json.loads(request["data"])
+
+
 async def test_create_session_reads_the_id_from_set_cookie(
     http: aiohttp.ClientSession, mock_upstream: aioresponses
 ) -> None:
@@ -47,7 +54,7 @@ async def test_create_session_reads_the_id_from_set_cookie(
 
     assert await client(http).create_session("be brief") == "abc123"
     (request,) = sent(mock_upstream, "/scenario")
-    assert request["json"] == {"scenario": "be brief"}
+    assert json_body(request) == {"scenario": "be brief"}
     assert "Cookie" not in request["headers"]  # a cookie here would reset a live session
     assert request["headers"]["Authorization"] == aiohttp.encode_basic_auth("u", "p")
 
@@ -70,7 +77,7 @@ async def test_init_session_flavor_names_a_fresh_uuid(
 
     (request,) = sent(mock_upstream, "/init-session")
     assert re.fullmatch(r"[0-9a-f]{32}", ai_session_id)
-    assert request["json"] == {"session_id": ai_session_id, "system_prompt": "system"}
+    assert json_body(request) == {"session_id": ai_session_id, "system_prompt": "system"}
 
 
 async def test_chat_sends_the_cookie_by_hand(
@@ -81,7 +88,7 @@ async def test_chat_sends_the_cookie_by_hand(
     assert await client(http).chat("abc123", "hello", 42) == "hi"
     (request,) = sent(mock_upstream, "/chat")
     assert request["headers"]["Cookie"] == "session_id=abc123"
-    assert request["json"] == {"message": "hello", "max_tokens": 42}
+    assert json_body(request) == {"message": "hello", "max_tokens": 42}
 
 
 @pytest.mark.parametrize(

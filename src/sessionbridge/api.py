@@ -7,14 +7,15 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 from typing import Any
 
 from aiohttp import web
 
+from . import jsoncodec
 from .appkeys import API_KEY, CONVERSATIONS, SETTINGS, STORE
 from .config import Settings
 from .errors import FieldError, InvalidField, InvalidJSON, NotFound
+from .jsoncodec import json_response
 from .records import ApiKey, ChatSession
 
 MAX_PAGE = 200
@@ -28,18 +29,11 @@ routes = web.RouteTableDef()
 # -- input -------------------------------------------------------------------------------
 
 
-def _bounded_int(digits: str) -> int | float:
-    return int(digits) if len(digits) <= 30 else float("inf")
-
-
 async def read_object(request: web.Request) -> dict[str, Any]:
     """The body as a JSON object, or InvalidJSON. Oversized bodies raise 413 in read()."""
     raw = await request.read()
     try:
-        # JSON travels as UTF-8 (RFC 8259); integers longer than any field
-        # accepts become an out-of-range float rather than a parse failure,
-        # so they are reported against their field.
-        body = json.loads(raw.decode("utf-8"), parse_int=_bounded_int)
+        body = jsoncodec.loads(raw)  # JSON travels as UTF-8 (RFC 8259)
     except (ValueError, RecursionError):  # ValueError covers bad UTF-8 and bad JSON
         raise InvalidJSON("the body is not valid JSON") from None
     if not isinstance(body, dict):
@@ -176,7 +170,7 @@ async def create_session(request: web.Request) -> web.Response:
         scenario,
         max_tokens if max_tokens is not None else settings.session_max_tokens_default,
     )
-    return web.json_response(
+    return json_response(
         session.public(), status=201, headers={"Location": f"/v1/sessions/{session.id}"}
     )
 
@@ -188,14 +182,14 @@ async def list_sessions(request: web.Request) -> web.Response:
     # One row more than asked tells whether another page exists.
     sessions = await request.app[STORE].list_sessions(api_key(request).id, limit + 1, before)
     next_cursor = encode_cursor("s", sessions[limit - 1].pk) if len(sessions) > limit else None
-    return web.json_response(
+    return json_response(
         {"sessions": [s.public() for s in sessions[:limit]], "next_cursor": next_cursor}
     )
 
 
 @routes.get("/v1/sessions/{id}")
 async def get_session(request: web.Request) -> web.Response:
-    return web.json_response((await owned_session(request)).public())
+    return json_response((await owned_session(request)).public())
 
 
 @routes.delete("/v1/sessions/{id}")
@@ -225,7 +219,7 @@ async def post_message(request: web.Request) -> web.Response:
     result = await request.app[CONVERSATIONS].send(
         api_key(request), request.match_info["id"], content, max_tokens, idempotency_key
     )
-    return web.json_response(result.public())
+    return json_response(result.public())
 
 
 @routes.get("/v1/sessions/{id}/messages")
@@ -235,6 +229,6 @@ async def list_messages(request: web.Request) -> web.Response:
     session = await owned_session(request)
     messages = await request.app[STORE].list_messages(session.pk, limit + 1, after)
     next_cursor = encode_cursor("m", messages[limit - 1].seq) if len(messages) > limit else None
-    return web.json_response(
+    return json_response(
         {"messages": [m.public() for m in messages[:limit]], "next_cursor": next_cursor}
     )

@@ -26,13 +26,14 @@ Domain code raises these; only ``problem_middleware`` builds error bodies.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
+
+from .jsoncodec import json_response
 
 log = logging.getLogger(__name__)
 
@@ -159,11 +160,8 @@ def problem_response(error: BridgeError) -> web.Response:
         "code": error.code,
     }
     body.update(error.extra())
-    return web.Response(
-        status=error.status,
-        text=json.dumps(body),
-        content_type=PROBLEM_CONTENT_TYPE,
-        headers=error.headers(),
+    return json_response(
+        body, status=error.status, headers=error.headers(), content_type=PROBLEM_CONTENT_TYPE
     )
 
 

@@ -10,13 +10,14 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .appkeys import AI_SERVER, CONVERSATIONS, METRICS, SETTINGS, STORE
 from .errors import NotReady
+from .jsoncodec import json_response
 
 routes = web.RouteTableDef()
 
 
 @routes.get("/healthz")
 async def healthz(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
+    return json_response({"status": "ok"})
 
 
 @routes.get("/readyz")
@@ -29,7 +30,7 @@ async def readyz(request: web.Request) -> web.Response:
     ai_server = request.app[AI_SERVER]
     report = await ai_server.health(settings.health_timeout)
     if report.healthy:
-        return web.json_response({"status": "ready", "database": "ok", "upstream": "healthy"})
+        return json_response({"status": "ready", "database": "ok", "upstream": "healthy"})
     # The AI server answers one request at a time and its /health is silent
     # while it generates: silence alone, while its calls succeed, is "busy".
     last_success = ai_server.last_success
@@ -37,7 +38,7 @@ async def readyz(request: web.Request) -> web.Response:
         last_success is not None and time.monotonic() - last_success <= settings.ready_grace
     )
     if report.timed_out and (recently_ok or request.app[CONVERSATIONS].inflight > 0):
-        return web.json_response({"status": "ready", "database": "ok", "upstream": "busy"})
+        return json_response({"status": "ready", "database": "ok", "upstream": "busy"})
     raise NotReady(report.reason)
 
 

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 import aiohttp
 
+from . import jsoncodec
 from .errors import (
     SessionLost,
     UpstreamError,
@@ -92,7 +93,8 @@ class SessionServerClient:
         self._http = http
         self._base = base_url.rstrip("/")
         self.create_endpoint = "init-session" if flavor == "init-session" else "scenario"
-        self._headers: dict[str, str] = {}
+        # The body goes as bytes already encoded (jsoncodec), so its type is said here.
+        self._headers: dict[str, str] = {"Content-Type": "application/json"}
         if user or password:
             self._headers["Authorization"] = aiohttp.encode_basic_auth(user, password)
         self._timeout = aiohttp.ClientTimeout(total=timeout)
@@ -168,13 +170,13 @@ class SessionServerClient:
         try:
             async with self._http.post(
                 f"{self._base}/{endpoint}",
-                json=payload,
+                data=jsoncodec.dumps(payload),
                 headers=headers,
                 timeout=self._timeout,
             ) as response:
                 try:
-                    body = await response.json(content_type=None)
-                except ValueError:
+                    body = jsoncodec.loads(await response.read())
+                except (ValueError, RecursionError):
                     body = None
         except TimeoutError as exc:
             raise UpstreamTimeout(f"/{endpoint} did not answer in time") from exc
