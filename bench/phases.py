@@ -10,16 +10,14 @@ nothing else runs in it meanwhile, and nothing is being measured.
 from __future__ import annotations
 
 import asyncio
-import collections
 import dataclasses
-import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 from client import BridgeClient, ai_sessions, answered_turns
+from conversations import run_conversations
 from loadgen import LoadGenerator, LoadResult, median_result, write_paths
 from procs import Processes, Server, create_key
 from seed import SeededDb, seed
@@ -245,7 +243,8 @@ async def slow(ctx: Context) -> dict[str, Any]:
     bridge, token = fresh_bridge(ctx, "bridge-slow", ai)
     async with BridgeClient(bridge.url, token) as client:
         session_ids = await client.create_sessions(plan.slow_sessions)
-    bridge_run = await _conversations(bridge.url, token, session_ids, plan)
+    # Fresh sessions: each conversation's first turn also creates its AI session.
+    bridge_run = await _conversations(bridge, ai, token, session_ids, plan)
     async with BridgeClient(bridge.url, token) as client:
         samples = await client.wait_idle()
     ctx.procs.stop(bridge)
@@ -254,7 +253,7 @@ async def slow(ctx: Context) -> dict[str, Any]:
     ids_file = ctx.workdir / "slow-sessions.txt"
     ids_file.write_text("".join(sid + "\n" for sid in session_ids))
     passthrough = ctx.procs.passthrough("passthrough-slow", ai, ids_file)
-    passthrough_run = await _conversations(passthrough.url, token, session_ids, plan)
+    passthrough_run = await _conversations(passthrough, ai, token, session_ids, plan)
     for server in (passthrough, ai):
         ctx.procs.stop(server)
     ideal = plan.slow_turns * SLOW_AI_DELAY
@@ -266,37 +265,20 @@ async def slow(ctx: Context) -> dict[str, Any]:
         **bridge_run,
         "wall_over_ideal": bridge_run["wall_s"] / ideal,
         "passthrough": passthrough_run,
+        "passthrough_wall_over_ideal": passthrough_run["wall_s"] / ideal,
         "locked_sessions_after": samples.get("sessionbridge_locked_sessions"),
     }
 
 
 async def _conversations(
-    base_url: str, token: str, session_ids: list[str], plan: Plan
+    target: Server, ai: Server, token: str, session_ids: list[str], plan: Plan
 ) -> dict[str, Any]:
-    """Every session at once, each sending its turns one after another; wall time."""
-    outcomes: collections.Counter[str] = collections.Counter()
-    # Enough connections that every session's turn is in flight at once.
-    async with BridgeClient(base_url, token, connections=len(session_ids) + 8) as client:
-
-        async def conversation(session_id: str) -> float:
-            started = time.perf_counter()
-            for turn in range(plan.slow_turns):
-                try:
-                    status, kind = await client.turn(session_id, f"question {turn + 1}")
-                except (aiohttp.ClientError, TimeoutError) as exc:
-                    status, kind = 0, type(exc).__name__
-                outcomes[kind if status == 200 else f"{status} {kind}"] += 1
-            return time.perf_counter() - started
-
-        started = time.perf_counter()
-        durations = await asyncio.gather(*(conversation(sid) for sid in session_ids))
-        wall = time.perf_counter() - started
-    return {
-        "wall_s": wall,
-        "slowest_conversation_s": max(durations),
-        "median_conversation_s": statistics.median(durations),
-        "outcomes": dict(outcomes),
-    }
+    """One run of the conversations, with the CPU the target and the AI server spent."""
+    target_cpu, ai_cpu = target.cpu_seconds(), ai.cpu_seconds()
+    result = await run_conversations(target.url, token, session_ids, plan.slow_turns)
+    result["target_cpu_s"] = target.cpu_seconds() - target_cpu
+    result["ai_cpu_s"] = ai.cpu_seconds() - ai_cpu
+    return result
 
 
 # -- memory: RSS idle and after many sessions were each used once ---------------------------

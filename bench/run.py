@@ -213,8 +213,13 @@ def print_report(report: dict[str, Any]) -> None:
               f" ({(slow['wall_over_ideal'] - 1) * 100:+.1f}%); slowest conversation"
               f" {slow['slowest_conversation_s']:.2f} s; outcomes {slow['outcomes']}")
         floor = slow["passthrough"]
-        print(f"  passthrough: wall {floor['wall_s']:.2f} s (same client and AI server; AI"
-              f" sessions made up front); outcomes {floor['outcomes']}")
+        print(f"  passthrough: wall {floor['wall_s']:.2f} s"
+              f" ({(slow['passthrough_wall_over_ideal'] - 1) * 100:+.1f}%; same client and"
+              f" AI server, AI sessions made up front); outcomes {floor['outcomes']}")
+        for name, run in (("bridge", slow), ("passthrough", floor)):
+            print(f"  {name + ':':<12} turn p50 {run['turn_p50_ms']:.0f} ms, max"
+                  f" {run['turn_max_ms']:.0f} ms; CPU {run['target_cpu_s']:.2f} s (AI server"
+                  f" {run['ai_cpu_s']:.2f} s, client {run['client_cpu_s']:.2f} s)")
         print(f"  the bridge's own share: {slow['wall_s'] - floor['wall_s']:+.2f} s over the"
               " passthrough; the rest is what the client, the AI server and the"
               " passthrough cost on these cores")
