@@ -45,7 +45,7 @@ class Plan:
     slow_sessions: int = 200
     slow_turns: int = 5
     memory_sessions: int = 100_000
-    memory_timebox: float = 90.0
+    memory_timebox: float = 180.0
     memory_connections: int = 32
 
 
