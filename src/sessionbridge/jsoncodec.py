@@ -6,10 +6,11 @@ orjson does each in a fraction of the standard library's time, which on a
 small box is CPU a turn no longer spends.
 
 orjson is stricter than the standard library in a few corners (NaN and
-Infinity literals, lone ``\\ud800`` escapes, numbers beyond a double). What
-orjson refuses is handed to the standard library, so the language the bridge
-accepts, and the errors it reports for those corners, stay exactly as they
-were; only well-formed documents take the fast path.
+Infinity literals, lone ``\\ud800`` escapes, numbers too large for a double).
+What orjson refuses is handed to the standard library, so the language the
+bridge accepts, and the errors it reports for those corners, stay as they
+were. One difference remains and is harmless: an integer beyond 64 bits comes
+back as a float rather than an int, and no field accepts either.
 """
 
 from __future__ import annotations
