@@ -43,6 +43,7 @@ class GroupCommitWriter:
         self._loop = asyncio.get_running_loop()
         self._pending: _Batch = []
         self._in_flight = False
+        self.batches = 0  # batches committed (or failed) so far; read by the checkpointer
         self._closing = False
         self._idle = asyncio.Event()
         self._idle.set()
@@ -100,6 +101,7 @@ class GroupCommitWriter:
             else:
                 future.set_exception(value)
         self._in_flight = False
+        self.batches += 1
         if self._pending:
             self._send_next()
         else:

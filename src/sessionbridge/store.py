@@ -145,7 +145,16 @@ def _pragmas(synchronous: str) -> list[str]:
 # ~10 ms for the turn whose commit it lands in. A connection of its own
 # checkpoints in the background instead; the writer keeps a high threshold
 # only as a safety net should the background checkpoints fall behind.
+#
+# A checkpoint's fsync still slows the commits that overlap it, the more so
+# the more WAL was written since the last one, and one client's unbatched
+# turns write several times more WAL per turn than concurrent, batched ones.
+# So the checkpointer goes by commits as well as by time: after
+# CHECKPOINT_BATCHES committed batches or CHECKPOINT_INTERVAL seconds,
+# whichever comes first, and not at all when nothing was committed.
 CHECKPOINT_INTERVAL = 1.0
+CHECKPOINT_BATCHES = 400
+CHECKPOINT_POLL = 0.25
 KEY_CACHE_SIZE = 1024
 WRITER_AUTOCHECKPOINT_PAGES = 20_000
 
@@ -215,8 +224,18 @@ class SqliteStore:
         await self._checkpointer.close()
 
     async def _checkpoint_forever(self) -> None:
+        checkpointed = self._writer.batches
+        last = time.monotonic()
         while True:
-            await asyncio.sleep(CHECKPOINT_INTERVAL)
+            await asyncio.sleep(CHECKPOINT_POLL)
+            batches = self._writer.batches
+            if batches == checkpointed:
+                continue  # nothing committed: nothing to copy
+            if batches - checkpointed < CHECKPOINT_BATCHES and (
+                time.monotonic() - last < CHECKPOINT_INTERVAL
+            ):
+                continue
+            checkpointed, last = batches, time.monotonic()
             try:
                 # PASSIVE never waits for readers or the writer.
                 await self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)")
