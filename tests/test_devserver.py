@@ -199,6 +199,20 @@ async def test_invalid_scenario_body_is_422(
     assert state.sessions == {}
 
 
+async def test_a_body_not_declared_as_json_is_422(
+    client: DevClient, state: DevServerState
+) -> None:
+    resp = await client.post(
+        "/scenario",
+        data=b'{"scenario": "valid JSON, sent as text"}',
+        headers={**headers(), "Content-Type": "text/plain"},
+    )
+    assert resp.status == 422
+    (issue,) = (await resp.json())["detail"]
+    assert issue["type"] == "model_attributes_type"
+    assert state.sessions == {}
+
+
 async def test_replies_count_turns_and_show_scenario(client: DevClient) -> None:
     session_id = await set_scenario(client)
     replies = []

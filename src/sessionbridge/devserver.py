@@ -201,10 +201,27 @@ def _require_flavor(state: DevServerState, flavor: str) -> None:
         raise web.HTTPNotFound()
 
 
+def _not_an_object() -> _Rejected:
+    return _Rejected(
+        422,
+        [
+            _issue(
+                ["body"],
+                "Input should be a valid dictionary or object to extract fields from",
+                "model_attributes_type",
+            )
+        ],
+    )
+
+
 async def _json_object(request: web.Request) -> dict[str, object]:
     raw = await request.text()
     if not raw.strip():
         raise _Rejected(422, [_issue(["body"], "Field required", "missing")])
+    if request.content_type != "application/json":
+        # Like the real server: a body not declared as JSON is not parsed as
+        # JSON, so it cannot be the object the endpoint expects.
+        raise _not_an_object()
     try:
         body = json.loads(raw)
     except json.JSONDecodeError as exc:
@@ -212,16 +229,7 @@ async def _json_object(request: web.Request) -> dict[str, object]:
             422, [_issue(["body", exc.pos], "JSON decode error", "json_invalid")]
         ) from None
     if not isinstance(body, dict):
-        raise _Rejected(
-            422,
-            [
-                _issue(
-                    ["body"],
-                    "Input should be a valid dictionary or object to extract fields from",
-                    "model_attributes_type",
-                )
-            ],
-        )
+        raise _not_an_object()
     return body
 
 
