@@ -13,11 +13,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import json
-import resource
+import os
 import statistics
 import time
 from typing import Any
 from urllib.parse import urlsplit
+
+from procs import cpu_seconds
 
 REQUEST_TIMEOUT = 60.0
 
@@ -85,23 +87,18 @@ async def _conversation(
     return took
 
 
-def _cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
 async def run_conversations(
     base_url: str, token: str, session_ids: list[str], turns: int
 ) -> dict[str, Any]:
     """Every session at once, each sending its turns one after another; wall time and more."""
     outcomes: collections.Counter[str] = collections.Counter()
-    cpu = _cpu_seconds()
+    cpu = cpu_seconds(os.getpid())
     started = time.perf_counter()
     per_conversation = await asyncio.gather(
         *(_conversation(base_url, token, sid, turns, outcomes) for sid in session_ids)
     )
     wall = time.perf_counter() - started
-    client_cpu = _cpu_seconds() - cpu
+    client_cpu = cpu_seconds(os.getpid()) - cpu
     all_turns = [seconds for took in per_conversation for seconds in took]
     durations = [sum(took) for took in per_conversation]
     return {

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,11 +15,7 @@ from sessionbridge.store import SqliteStore
 
 SCENARIO = "A scenario long enough to fill a page or two of the database. " * 60
 
-
-def set_policy(monkeypatch: pytest.MonkeyPatch, *, interval: float, batches: int) -> None:
-    monkeypatch.setattr(store_module, "CHECKPOINT_INTERVAL", interval)
-    monkeypatch.setattr(store_module, "CHECKPOINT_BATCHES", batches)
-    monkeypatch.setattr(store_module, "CHECKPOINT_POLL", 0.01)
+OpenStore = Callable[..., Awaitable[SqliteStore]]
 
 
 @pytest.fixture
@@ -30,15 +26,21 @@ def db_path(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-async def opened(db_path: Path) -> AsyncIterator[Callable[[], Any]]:
-    stores: list[SqliteStore] = []
+async def open_store(
+    monkeypatch: pytest.MonkeyPatch, db_path: Path
+) -> AsyncIterator[OpenStore]:
+    """Opens the store once, under a checkpoint policy (set first: the task reads it at once)."""
+    opened: list[SqliteStore] = []
 
-    async def open_store() -> SqliteStore:
-        stores.append(await SqliteStore.open(str(db_path)))
-        return stores[-1]
+    async def open_with(*, interval: float, batches: int) -> SqliteStore:
+        monkeypatch.setattr(store_module, "CHECKPOINT_INTERVAL", interval)
+        monkeypatch.setattr(store_module, "CHECKPOINT_BATCHES", batches)
+        monkeypatch.setattr(store_module, "CHECKPOINT_POLL", 0.01)
+        opened.append(await SqliteStore.open(str(db_path)))
+        return opened[0]
 
-    yield open_store
-    for store in stores:
+    yield open_with
+    for store in opened:
         await store.close()
 
 
@@ -63,10 +65,9 @@ async def write_sessions(store: SqliteStore, count: int) -> None:
 
 
 async def test_enough_commits_checkpoint_before_the_interval(
-    monkeypatch: pytest.MonkeyPatch, opened: Callable[[], Any], db_path: Path
+    open_store: OpenStore, db_path: Path
 ) -> None:
-    set_policy(monkeypatch, interval=3600, batches=5)
-    store = await opened()
+    store = await open_store(interval=3600, batches=5)
     calls = count_checkpoints(store)
     size_before = db_path.stat().st_size
 
@@ -81,11 +82,8 @@ async def test_enough_commits_checkpoint_before_the_interval(
     assert db_path.stat().st_size > size_before
 
 
-async def test_few_commits_wait_for_the_interval(
-    monkeypatch: pytest.MonkeyPatch, opened: Callable[[], Any]
-) -> None:
-    set_policy(monkeypatch, interval=1.0, batches=10_000)
-    store = await opened()
+async def test_few_commits_wait_for_the_interval(open_store: OpenStore) -> None:
+    store = await open_store(interval=1.0, batches=10_000)
     calls = count_checkpoints(store)
 
     await write_sessions(store, 3)
@@ -95,11 +93,8 @@ async def test_few_commits_wait_for_the_interval(
     assert len(calls) == 1  # the interval passed: one checkpoint, then idle again
 
 
-async def test_an_idle_store_never_checkpoints(
-    monkeypatch: pytest.MonkeyPatch, opened: Callable[[], Any]
-) -> None:
-    set_policy(monkeypatch, interval=0.02, batches=1)
-    store = await opened()
+async def test_an_idle_store_never_checkpoints(open_store: OpenStore) -> None:
+    store = await open_store(interval=0.02, batches=1)
     calls = count_checkpoints(store)
 
     await asyncio.sleep(0.3)

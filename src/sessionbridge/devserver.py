@@ -291,12 +291,21 @@ async def _hang_forever() -> None:
     await asyncio.Event().wait()
 
 
-async def _handle_scenario(request: web.Request) -> web.Response:
+async def _accept(
+    request: web.Request, endpoint: str, flavor: str | None = None
+) -> tuple[DevServerState, dict[str, object]]:
+    """The start of every POST: the endpoint exists (in this generation), is
+    counted, the caller is authenticated, and the body is a JSON object."""
     state = request.app[DEVSERVER_STATE]
-    _require_flavor(state, "scenario")
-    state.calls["scenario"] += 1
+    if flavor is not None:
+        _require_flavor(state, flavor)
+    state.calls[endpoint] += 1
     _require_auth(request, state)
-    body = await _json_object(request)
+    return state, await _json_object(request)
+
+
+async def _handle_scenario(request: web.Request) -> web.Response:
+    state, body = await _accept(request, "scenario", flavor="scenario")
     issues: list[ValidationIssue] = []
     scenario = _string_field(body, "scenario", issues)
     if scenario is None:
@@ -313,11 +322,7 @@ async def _handle_scenario(request: web.Request) -> web.Response:
 
 
 async def _handle_init_session(request: web.Request) -> web.Response:
-    state = request.app[DEVSERVER_STATE]
-    _require_flavor(state, "init-session")
-    state.calls["init-session"] += 1
-    _require_auth(request, state)
-    body = await _json_object(request)
+    state, body = await _accept(request, "init-session", flavor="init-session")
     issues: list[ValidationIssue] = []
     session_id = _string_field(body, "session_id", issues)
     system_prompt = _string_field(body, "system_prompt", issues)
@@ -334,10 +339,7 @@ async def _handle_init_session(request: web.Request) -> web.Response:
 
 
 async def _handle_chat(request: web.Request) -> web.Response:
-    state = request.app[DEVSERVER_STATE]
-    state.calls["chat"] += 1
-    _require_auth(request, state)
-    body = await _json_object(request)
+    state, body = await _accept(request, "chat")
     issues: list[ValidationIssue] = []
     message = _string_field(body, "message", issues)
     max_tokens = _int_field(body, "max_tokens", issues)
