@@ -18,7 +18,7 @@ from aiohttp import ClientResponse
 
 from sessionbridge.appkeys import STORE
 from sessionbridge.config import Settings
-from sessionbridge.devserver import DevServerState
+from sessionbridge.upstream.reference_sessions import DevServerState
 
 from .conftest import Api, MakeApi, issue_token, problem
 

@@ -11,7 +11,7 @@ from pytest_aiohttp import AiohttpClient
 from sessionbridge.app import create_app
 from sessionbridge.appkeys import CONVERSATIONS, STORE
 from sessionbridge.config import Settings
-from sessionbridge.devserver import DevServerState
+from sessionbridge.upstream.reference_sessions import DevServerState
 from sessionbridge.tokens import hash_token
 
 from .conftest import Api, MakeApi

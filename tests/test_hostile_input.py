@@ -40,7 +40,7 @@ from hypothesis import strategies as st
 from sessionbridge.app import create_app
 from sessionbridge.cli import quiet_library_loggers
 from sessionbridge.config import Settings, TokenRange
-from sessionbridge.devserver import DevServerState, create_devserver_app
+from sessionbridge.upstream.reference_sessions import DevServerState, create_devserver_app
 
 from .conftest import issue_token
 

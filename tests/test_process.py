@@ -22,7 +22,7 @@ import pytest
 from aiohttp.test_utils import TestServer
 from pytest_aiohttp import AiohttpServer
 
-from sessionbridge.devserver import DevServerState, create_devserver_app
+from sessionbridge.upstream.reference_sessions import DevServerState, create_devserver_app
 
 from .processes import (
     SIGKILL,

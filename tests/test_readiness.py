@@ -8,7 +8,7 @@ import time
 import aiohttp
 from aiohttp.test_utils import TestServer
 
-from sessionbridge.devserver import DevServerState
+from sessionbridge.upstream.reference_sessions import DevServerState
 
 from .conftest import Api, MakeApi
 

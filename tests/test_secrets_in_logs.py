@@ -8,7 +8,7 @@ import pytest
 
 from sessionbridge.appkeys import STORE
 from sessionbridge.cli import quiet_library_loggers
-from sessionbridge.devserver import DevServerState
+from sessionbridge.upstream.reference_sessions import DevServerState
 from sessionbridge.tokens import hash_token
 
 from .conftest import MakeApi
@@ -36,7 +36,7 @@ async def test_a_busy_run_logs_no_token_cookie_or_password(
     logged = "\n".join(
         record.getMessage()
         for record in caplog.records
-        if not record.name.startswith("sessionbridge.devserver")
+        if not record.name.startswith("sessionbridge.upstream.reference_sessions")
     )
 
     assert "event=upstream_call" in logged  # the run did log

@@ -18,7 +18,7 @@ from sessionbridge.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from sessionbridge.upstream import SessionServerClient, is_session_lost
+from sessionbridge.upstream.sessions import SessionServerClient, is_session_lost
 
 BASE = "http://ai.test"
 

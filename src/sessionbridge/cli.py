@@ -91,7 +91,7 @@ async def serve(settings: Settings, banner: str | None = None) -> None:
 @contextlib.asynccontextmanager
 async def reference_upstream(settings: Settings) -> AsyncIterator[Settings]:
     """Start the built-in reference AI server (a test double) on a free loopback port."""
-    from .devserver import DevServerState, create_devserver_app
+    from .upstream.reference_sessions import DevServerState, create_devserver_app
 
     state = DevServerState(password="demo-" + os.urandom(8).hex())
     runner = web.AppRunner(create_devserver_app(state), access_log=None)

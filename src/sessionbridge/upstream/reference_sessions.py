@@ -14,7 +14,7 @@ call counters and fault-injection switches). Tests reach it through
 exactly like the real server, so :meth:`DevServerState.forget_sessions`
 simulates a restart.
 
-Run it by hand with ``python -m sessionbridge.devserver --help``.
+Run it by hand with ``python -m sessionbridge.upstream.reference_sessions --help``.
 """
 
 from __future__ import annotations
@@ -412,7 +412,7 @@ def _token_range(text: str) -> tuple[int, int]:
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m sessionbridge.devserver",
+        prog="python -m sessionbridge.upstream.reference_sessions",
         description="Reference AI server for development and tests (a test double, not a model).",
     )
     parser.add_argument("--host", default="127.0.0.1")

@@ -17,8 +17,8 @@ from typing import Any, Protocol
 
 import aiohttp
 
-from . import jsoncodec
-from .errors import (
+from .. import jsoncodec
+from ..errors import (
     SessionLost,
     UpstreamError,
     UpstreamFailure,
