@@ -19,8 +19,8 @@ from pytest_aiohttp import AiohttpClient, AiohttpServer
 from sessionbridge.app import create_app
 from sessionbridge.appkeys import STORE
 from sessionbridge.config import Settings, TokenRange
-from sessionbridge.upstream.reference_sessions import DevServerState, create_devserver_app
 from sessionbridge.tokens import hash_token, new_token
+from sessionbridge.upstream.reference_sessions import DevServerState, create_devserver_app
 
 BridgeClient = TestClient[web.Request, web.Application]
 

@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from sessionbridge import store as store_module
 from sessionbridge.schema import apply_migrations
-from sessionbridge.store import SqliteStore
+from sessionbridge.store import sqlite as store_module
+from sessionbridge.store.sqlite import SqliteStore
 
 SCENARIO = "A scenario long enough to fill a page or two of the database. " * 60
 

@@ -11,8 +11,8 @@ from pytest_aiohttp import AiohttpClient
 from sessionbridge.app import create_app
 from sessionbridge.appkeys import CONVERSATIONS, STORE
 from sessionbridge.config import Settings
-from sessionbridge.upstream.reference_sessions import DevServerState
 from sessionbridge.tokens import hash_token
+from sessionbridge.upstream.reference_sessions import DevServerState
 
 from .conftest import Api, MakeApi
 

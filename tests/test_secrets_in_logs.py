@@ -8,8 +8,8 @@ import pytest
 
 from sessionbridge.appkeys import STORE
 from sessionbridge.cli import quiet_library_loggers
-from sessionbridge.upstream.reference_sessions import DevServerState
 from sessionbridge.tokens import hash_token
+from sessionbridge.upstream.reference_sessions import DevServerState
 
 from .conftest import MakeApi
 

@@ -1,4 +1,4 @@
-"""Storage: the Store interface and its SQLite implementation (the only SQL outside migrations/).
+"""The SQLite store (aiosqlite reads, a group-committing writer thread).
 
 SQLite runs in WAL mode. Writes go through one connection on its own thread
 that commits concurrent writes together (group_commit.py); reads go through
@@ -17,12 +17,11 @@ import os
 import sqlite3
 import time
 import uuid
-from typing import Any, Protocol
+from typing import Any
 
 import aiosqlite
 
-from .group_commit import GroupCommitWriter
-from .records import (
+from ..records import (
     AISessionKind,
     ApiKey,
     ChatSession,
@@ -34,72 +33,10 @@ from .records import (
     TranscriptTurn,
     utc_now,
 )
+from .base import DuplicateKeyName, SessionGone
+from .group_commit import GroupCommitWriter
 
 log = logging.getLogger(__name__)
-
-
-class DuplicateKeyName(Exception):
-    """A live API key already has this name."""
-
-
-class SessionGone(LookupError):
-    """The chat session was deleted while a turn was writing to it."""
-
-
-class Store(Protocol):
-    """What the bridge needs from storage; SqliteStore is the one implementation."""
-
-    async def ping(self) -> None: ...
-    async def close(self) -> None: ...
-
-    async def create_key(self, name: str, token_hash: bytes) -> ApiKey: ...
-    async def list_keys(self) -> list[ApiKey]: ...
-    async def revoke_key(self, name: str) -> bool: ...
-    async def key_for_token_hash(self, token_hash: bytes) -> ApiKey | None: ...
-
-    async def create_session(
-        self, api_key_id: int, title: str | None, scenario: str, max_tokens: int
-    ) -> ChatSession: ...
-    async def get_session(self, api_key_id: int, session_id: str) -> ChatSession | None: ...
-    async def list_sessions(
-        self, api_key_id: int, limit: int, before_pk: int | None
-    ) -> list[ChatSession]: ...
-    async def delete_session(self, api_key_id: int, session_id: str) -> bool: ...
-
-    async def list_messages(
-        self, session_pk: int, limit: int, after_seq: int | None
-    ) -> list[Message]: ...
-    async def get_message(self, session_pk: int, message_pk: int) -> Message | None: ...
-    async def answer_to(self, session_pk: int, user_seq: int) -> Message | None: ...
-    async def recent_turns(self, session_pk: int, budget_chars: int) -> list[TranscriptTurn]: ...
-
-    async def begin_turn(
-        self,
-        session_pk: int,
-        content: str,
-        *,
-        retry_message_pk: int | None = None,
-        idempotency: IdempotencyStart | None = None,
-    ) -> Message: ...
-    async def set_ai_session(self, session_pk: int, ai_session_id: str) -> None: ...
-    async def finish_turn(
-        self,
-        session_pk: int,
-        user_message_pk: int,
-        reply: str,
-        kind: AISessionKind,
-        idempotency: IdempotencyStart | None = None,
-    ) -> Message: ...
-    async def fail_turn(
-        self,
-        session_pk: int,
-        user_message_pk: int,
-        idempotency: IdempotencyStart | None = None,
-    ) -> None: ...
-
-    async def get_idempotency(self, api_key_id: int, key: str) -> IdempotencyRecord | None: ...
-    async def purge_idempotency(self, older_than: float) -> int: ...
-    async def fail_pending_turns(self) -> int: ...
 
 
 _SESSION_COLUMNS = (
