@@ -17,7 +17,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,13 +105,23 @@ class Processes:
         self._workdir = workdir
         self._started: list[Process] = []
 
-    def start(self, name: str, args: Sequence[str], env: dict[str, str]) -> Process:
+    def start(
+        self,
+        name: str,
+        args: Sequence[str],
+        env: dict[str, str],
+        *,
+        program: str = sys.executable,
+        preexec: Callable[[], None] | None = None,
+    ) -> Process:
+        """Start ``program ARGS`` (this Python unless told); ``preexec`` runs in the child."""
         index = len(self._started)
         stdout_path = self._workdir / f"{index:02d}-{name}.stdout"
         stderr_path = self._workdir / f"{index:02d}-{name}.stderr"
         with stdout_path.open("wb") as out, stderr_path.open("wb") as err:
             popen = subprocess.Popen(
-                [sys.executable, *args], stdout=out, stderr=err, env=env, cwd=self._workdir
+                [program, *args], stdout=out, stderr=err, env=env, cwd=self._workdir,
+                preexec_fn=preexec,
             )
         process = Process(name, popen, stdout_path, stderr_path)
         self._started.append(process)

@@ -5,7 +5,15 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-from sessionbridge.schema import apply_migrations, migrations_dir, rollback_migrations
+import pytest
+
+from sessionbridge import schema
+from sessionbridge.schema import (
+    MigrationsMissing,
+    apply_migrations,
+    migrations_dir,
+    rollback_migrations,
+)
 from sessionbridge.store import SqliteStore
 
 
@@ -19,6 +27,33 @@ def test_every_migration_has_a_rollback() -> None:
     for migration in migrations_dir().glob("*.sql"):
         if not migration.name.endswith(".rollback.sql"):
             assert migration.with_suffix(".rollback.sql").exists(), migration.name
+
+
+def test_a_missing_migrations_folder_is_an_error_not_nothing_to_apply(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    empty = tmp_path / "migrations"
+    empty.mkdir()
+    (empty / "0001_initial.rollback.sql").write_text("DROP TABLE x;")  # no forward migration
+    monkeypatch.setattr(schema, "_SHIPPED", empty)
+    monkeypatch.setattr(schema, "_SOURCE_TREE", tmp_path / "absent")
+
+    with pytest.raises(MigrationsMissing, match="no sqlite migrations found"):
+        migrations_dir()
+    with pytest.raises(MigrationsMissing):
+        apply_migrations(str(tmp_path / "m.db"))
+    assert not (tmp_path / "m.db").exists()
+
+
+def test_each_database_names_its_own_migrations_folder() -> None:
+    sqlite_folder = migrations_dir("sqlite")
+
+    assert sqlite_folder == migrations_dir()
+    assert any(p.name.startswith("0001") for p in sqlite_folder.glob("*.sql"))
+    with pytest.raises(ValueError, match="no migrations for database"):
+        migrations_dir("oracle")
+    if (sqlite_folder / "postgresql").is_dir():
+        assert migrations_dir("postgresql") == sqlite_folder / "postgresql"
 
 
 def test_migrations_apply_roll_back_and_apply_again(tmp_path: Path) -> None:

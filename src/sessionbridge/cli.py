@@ -21,7 +21,7 @@ from .app import create_app
 from .appkeys import CONVERSATIONS
 from .config import ConfigError, Settings, load_settings
 from .notify import feed_watchdog, notify, watchdog_interval
-from .schema import apply_migrations
+from .schema import MigrationsMissing, apply_migrations
 from .store import DuplicateKeyName, SqliteStore
 from .tokens import hash_token, new_token
 
@@ -274,6 +274,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
     )
     quiet_library_loggers()
+    try:
+        return _run(args, settings)
+    except MigrationsMissing as exc:
+        # A broken install: say so in one line and exit, never serve on it.
+        print(f"sessionbridge: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace, settings: Settings) -> int:
     if args.command == "serve":
         if not settings.upstream_url:
             print(
