@@ -22,6 +22,10 @@ from sessionbridge.config import Settings, TokenRange
 from sessionbridge.tokens import hash_token, new_token
 from sessionbridge.upstream.reference_sessions import DevServerState, create_devserver_app
 
+from .postgres import migrated_postgres_dsn, postgres_dsn, postgres_server
+
+__all__ = ["migrated_postgres_dsn", "postgres_dsn", "postgres_server"]  # fixtures, re-exported
+
 BridgeClient = TestClient[web.Request, web.Application]
 
 
