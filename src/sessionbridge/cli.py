@@ -21,8 +21,8 @@ from .app import create_app
 from .appkeys import CONVERSATIONS
 from .config import ConfigError, Settings, load_settings
 from .notify import feed_watchdog, notify, watchdog_interval
-from .schema import MigrationsMissing, apply_migrations
-from .store import DuplicateKeyName, SqliteStore
+from .schema import MigrationsMissing
+from .store import DuplicateKeyName, database, migrate, open_store
 from .tokens import hash_token, new_token
 
 log = logging.getLogger("sessionbridge")
@@ -59,7 +59,7 @@ async def serve(settings: Settings, banner: str | None = None) -> None:
         log.info(
             "event=listening url=http://%s:%d upstream=%s flavor=%s db=%s",
             settings.host, settings.port, settings.upstream_url, settings.upstream_flavor,
-            settings.db,
+            database(settings.db),  # a PostgreSQL URL without its password
         )
         if banner:
             print(banner, flush=True)
@@ -115,10 +115,10 @@ async def reference_upstream(settings: Settings) -> AsyncIterator[Settings]:
 
 async def demo_token(settings: Settings) -> str:
     """The demo key's token, kept in a file beside the database (only its hash is in it)."""
-    token_file = Path(settings.db + ".demo-token")
-    await asyncio.to_thread(apply_migrations, settings.db)
-    store = await SqliteStore.open(settings.db, settings.db_synchronous)
-    try:
+    db = database(settings.db)
+    # A PostgreSQL URL is no place for a file: the token goes in the current folder.
+    token_file = Path(db.target + ".demo-token" if db.kind == "sqlite" else "demo-token")
+    async with open_store(settings) as store:
         if token_file.exists():
             token = token_file.read_text().strip()
             if await store.key_for_token_hash(hash_token(token)) is not None:
@@ -126,8 +126,6 @@ async def demo_token(settings: Settings) -> str:
         await store.revoke_key("demo")  # its token was lost with the file
         token = new_token()
         await store.create_key("demo", hash_token(token))
-    finally:
-        await store.close()
     token_file.touch(mode=0o600)
     token_file.write_text(token + "\n")
     return token
@@ -171,9 +169,7 @@ async def demo(settings: Settings) -> None:
 
 
 async def keys_command(settings: Settings, action: str, name: str | None) -> int:
-    await asyncio.to_thread(apply_migrations, settings.db)
-    store = await SqliteStore.open(settings.db, settings.db_synchronous)
-    try:
+    async with open_store(settings) as store:
         if action == "create":
             assert name is not None
             token = new_token()
@@ -196,8 +192,6 @@ async def keys_command(settings: Settings, action: str, name: str | None) -> int
             return 1
         print(f"revoked API key {name!r}")
         return 0
-    finally:
-        await store.close()
 
 
 class MalformedRequestFilter(logging.Filter):
@@ -236,7 +230,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sessionbridge", description=__doc__)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", help="TOML file of settings (SESSIONBRIDGE_CONFIG)")
-    common.add_argument("--db", help="SQLite database path (SESSIONBRIDGE_DB)")
+    common.add_argument("--db", help="SQLite path or postgresql:// URL (SESSIONBRIDGE_DB)")
     common.add_argument("--log-level", dest="log_level", help="DEBUG, INFO, WARNING ...")
     serving = argparse.ArgumentParser(add_help=False)
     serving.add_argument("--host", help="address to listen on (SESSIONBRIDGE_HOST)")
@@ -297,8 +291,8 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
         asyncio.run(demo(settings))
         return 0
     if args.command == "migrate":
-        applied = apply_migrations(settings.db)
-        print(f"applied {applied} migration(s) to {settings.db}")
+        applied = migrate(settings.db)
+        print(f"applied {applied} migration(s) to {database(settings.db)}")
         return 0
     return asyncio.run(keys_command(settings, args.action, getattr(args, "name", None)))
 
