@@ -22,9 +22,9 @@ from sessionbridge.config import Settings, TokenRange
 from sessionbridge.tokens import hash_token, new_token
 from sessionbridge.upstream.reference_sessions import DevServerState, create_devserver_app
 
-from .postgres import migrated_postgres_dsn, postgres_dsn, postgres_server
+from .postgres import migrated_postgres_dsn, own_postgres, postgres_dsn, postgres_server
 
-__all__ = ["migrated_postgres_dsn", "postgres_dsn", "postgres_server"]  # fixtures, re-exported
+__all__ = ["migrated_postgres_dsn", "own_postgres", "postgres_dsn", "postgres_server"]  # fixtures
 
 BridgeClient = TestClient[web.Request, web.Application]
 

@@ -120,24 +120,32 @@ class LocalServer:
                 str(bindir / "initdb"), "-D", str(server.data), "-U", "postgres",
                 "--auth=trust", "--encoding=UTF8", "--no-sync", "--no-instructions",
             )
-            # Durability does not matter for a throwaway cluster; speed does.
-            options = (
-                f"-p {server.port} -k {root} -c listen_addresses=127.0.0.1"
-                " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
-                " -c max_connections=200"
-            )
-            server._run(
-                str(bindir / "pg_ctl"), "-D", str(server.data), "-l", str(root / "server.log"),
-                "-o", options, "-w", "-t", "60", "start",
-            )
+            server.resume()
         except (NoPostgres, OSError, subprocess.TimeoutExpired) as exc:
             shutil.rmtree(root, ignore_errors=True)
             raise NoPostgres(str(exc)) from exc
         return server
 
+    def resume(self) -> None:
+        """Start the server on its cluster (again)."""
+        # Durability does not matter for a throwaway cluster; speed does.
+        options = (
+            f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1"
+            " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
+            " -c max_connections=200"
+        )
+        self._run(
+            str(self.bindir / "pg_ctl"), "-D", str(self.data), "-l", str(self.root / "server.log"),
+            "-o", options, "-w", "-t", "60", "start",
+        )
+
+    def pause(self, mode: str = "fast") -> None:
+        """Stop the server and keep its cluster ("immediate": as if it crashed)."""
+        self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "stop")
+
     def stop(self) -> None:
         with contextlib.suppress(NoPostgres, OSError, subprocess.TimeoutExpired):
-            self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop")
+            self.pause()
         shutil.rmtree(self.root, ignore_errors=True)
 
 
@@ -223,3 +231,18 @@ def migrated_postgres_dsn(postgres_server: Postgres) -> Iterator[str]:
     """The URL of a fresh database of this test's own, with every migration applied."""
     with postgres_server.database(migrated=True) as dsn:
         yield dsn
+
+
+@pytest.fixture
+def own_postgres(postgres_server: Postgres) -> Iterator[LocalServer]:
+    """A PostgreSQL server of this test's own, to stop and start under a bridge."""
+    if postgres_server.local is None:
+        pytest.skip(f"stopping the server given by {ENV_SERVER} is not ours to do")
+    try:
+        server = LocalServer.start()
+    except NoPostgres as exc:
+        pytest.skip(f"no second PostgreSQL server: {exc}")
+    try:
+        yield server
+    finally:
+        server.stop()

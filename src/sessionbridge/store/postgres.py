@@ -202,7 +202,16 @@ class PostgresStore:
                 yield connection
 
     async def ping(self) -> None:
-        await self._fetchrow("SELECT 1")
+        """Return if the database can take a write now, else raise StorageUnavailable.
+
+        A round trip through the pool (a connection can be had and the server
+        answers) that also asks whether this is a standby in recovery, which
+        answers reads but refuses every write (a failover not yet followed).
+        """
+        row = await self._fetchrow("SELECT pg_is_in_recovery()")
+        if row is not None and row[0]:
+            log.warning("event=storage_unavailable operation=ping reason=read_only_standby")
+            raise StorageUnavailable("the database is a read-only standby")
 
     # -- API keys ---------------------------------------------------------
 
