@@ -2,10 +2,11 @@
 
 Every other test runs from the editable install, which reads migrations and
 modules straight from the checkout; only a built wheel shows what the package
-really ships. The wheel is built from a clean copy of the files git knows
-(no build/, egg-info or .venv leftovers can slip in), installed into a venv
-outside the source tree, and driven through its own console script as real
-processes.
+really ships. The wheel is built from a clean copy of the committed tree
+(``git archive HEAD``: no build/, egg-info, venv or uncommitted file can slip
+in, and a module that was never committed is missed as a user would miss it),
+installed into a venv outside the source tree, and driven through its own
+console script as real processes.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ BUILD_TIMEOUT = 300
 
 @dataclass(frozen=True)
 class Installed:
+    source: Path  # the clean copy the wheel was built from
     venv: Path
     workdir: Path  # outside the source tree: nothing can be imported from the checkout
 
@@ -61,17 +63,13 @@ class Installed:
 
 
 def clean_copy(destination: Path) -> Path:
-    """The files git tracks (or would: not ignored), as they are in the working tree."""
-    listed = subprocess.run(
-        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+    """The committed tree, exactly: what a clone would hold."""
+    archive = subprocess.run(
+        ["git", "archive", "--format=tar", "HEAD"],
         cwd=ROOT, capture_output=True, check=True, timeout=60,
-    ).stdout.decode().split("\0")
-    for name in filter(None, listed):
-        source = ROOT / name
-        if source.is_file():  # a tracked file deleted in the working tree is left out
-            target = destination / name
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, target)
+    ).stdout
+    destination.mkdir(parents=True)
+    subprocess.run(["tar", "-x", "-C", str(destination)], input=archive, check=True, timeout=60)
     return destination
 
 
@@ -100,7 +98,7 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Installed:
             base)
     workdir = base / "work"
     workdir.mkdir()
-    return Installed(venv, workdir)
+    return Installed(source, venv, workdir)
 
 
 @pytest.fixture
@@ -134,7 +132,7 @@ def test_the_installed_package_is_not_the_checkout(installed: Installed) -> None
     assert done.returncode == 0, done.stderr
     shipped = Path(done.stdout.strip())
     assert shipped.is_relative_to(installed.venv), shipped
-    source = ROOT / "migrations"
+    source = installed.source / "migrations"
     for folder in [source, *(sub for sub in source.iterdir() if sub.is_dir())]:
         in_wheel = shipped / folder.relative_to(source)
         assert sorted(p.name for p in in_wheel.glob("*.sql")) == sorted(
@@ -148,7 +146,7 @@ async def test_installed_wheel_migrates_makes_a_key_and_serves_a_conversation(
     db = tmp_path / "bridge.db"
     migrated = installed.run("migrate", "--db", str(db))
     assert migrated.returncode == 0, migrated.stderr
-    expected = len([p for p in (ROOT / "migrations").glob("*.sql")
+    expected = len([p for p in (installed.source / "migrations").glob("*.sql")
                     if not p.name.endswith(".rollback.sql")])
     assert f"applied {expected} migration(s)" in migrated.stdout
     with closing(sqlite3.connect(db)) as conn:
