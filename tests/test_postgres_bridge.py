@@ -15,6 +15,7 @@ from typing import Any
 import psycopg
 import pytest
 
+from sessionbridge.config import ConfigError
 from sessionbridge.errors import StorageUnavailable
 from sessionbridge.schema import (
     apply_postgres_migrations,
@@ -173,6 +174,8 @@ def test_a_password_in_the_database_url_is_not_shown() -> None:
     assert str(database("sqlite:///var/sb.db")) == "var/sb.db"
     assert database("sqlite:////abs/sb.db").target == "/abs/sb.db"
     assert database("postgres://h/db").kind == "postgresql"
+    with pytest.raises(ConfigError):
+        database("mysql://h/db")
 
 
 # -- migrations ---------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Literal
 from urllib.parse import urlsplit, urlunsplit
 
-from ..config import Settings
+from ..config import ConfigError, Settings
 from ..schema import apply_migrations, apply_postgres_migrations
 from .base import DuplicateKeyName, SessionGone, Store
 from .sqlite import SqliteStore
@@ -63,6 +63,11 @@ def database(db: str) -> Database:
     if db.startswith(_SQLITE_SCHEME):
         # sqlite:///relative/path, sqlite:////absolute/path (as yoyo and SQLAlchemy read them)
         return Database("sqlite", db.removeprefix(_SQLITE_SCHEME))
+    if "://" in db:
+        # Never a file named after another database's URL.
+        scheme = db.partition("://")[0]
+        raise ConfigError(f"db: {scheme}:// is not a database the bridge can use"
+                          " (a path, sqlite:///path or postgresql://...)")
     return Database("sqlite", db)
 
 
