@@ -18,7 +18,8 @@ install: $(STAMP)
 
 ## system-deps: the Debian packages tests need (add yours to the list)
 # postgresql: the server the PostgreSQL store's tests start for themselves.
-SYSTEM_PACKAGES := postgresql
+# chromium, chromium-driver: the browser the page's tests drive (tests/test_page.py).
+SYSTEM_PACKAGES := postgresql chromium chromium-driver
 system-deps:
 	@missing=""; for package in $(SYSTEM_PACKAGES); do \
 		dpkg -s $$package >/dev/null 2>&1 || missing="$$missing $$package"; done; \

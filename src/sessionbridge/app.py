@@ -22,6 +22,7 @@ from .metrics import Metrics
 from .schema import apply_migrations
 from .store import SqliteStore
 from .upstream import SessionServerClient
+from .web import page
 
 log = logging.getLogger(__name__)
 
@@ -119,4 +120,5 @@ def create_app(settings: Settings) -> web.Application:
     app.add_routes(api.routes)
     app.add_routes(ops.routes)
     app.add_routes(openapi.routes)
+    app.add_routes(page.routes)
     return app
