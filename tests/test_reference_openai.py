@@ -287,11 +287,13 @@ async def test_without_id_slot_each_conversation_finds_its_own_cache(
     assert a3["timings"]["cache_n"] <= 4
 
 
-async def test_max_tokens_cuts_the_reply(client: Client) -> None:
-    body = await answer(client, conversation("Hello there"), max_tokens=4)
+async def test_max_tokens_cuts_the_reply(client: Client, state: OpenAIReferenceState) -> None:
+    body = await answer(client, conversation("Hello there"), max_tokens=4, id_slot=0)
     assert body["choices"][0]["message"]["content"] == "Reply 1:"
     assert body["choices"][0]["finish_reason"] == "length"
     assert body["usage"]["completion_tokens"] == 4
+    # As measured on llama-server: the last sampled token never enters the cache.
+    assert len(state.slots[0].tokens) == len(prompt_pieces(conversation("Hello there"))) + 3
 
 
 async def test_llama_refuses_a_prompt_larger_than_the_slot(
@@ -398,6 +400,17 @@ async def test_slot_actions_refuse_bad_input(client: Client) -> None:
     assert await error_of("/slots/0?action=boom", {"filename": "a"}) == (400, "Invalid action")
     status, message = await error_of("/slots/0?action=restore", {"filename": "missing.bin"})
     assert status == 400 and message.startswith("Unable to restore slot")
+
+
+async def test_restore_refuses_another_models_file(
+    client: Client, state: OpenAIReferenceState
+) -> None:
+    await answer(client, conversation("mine"), id_slot=0)
+    assert (await client.post("/slots/0?action=save", json={"filename": "m.bin"})).status == 200
+    state.model = "another-model"
+    response = await client.post("/slots/1?action=restore", json={"filename": "m.bin"})
+    assert response.status == 400
+    assert not state.slots[1].tokens
 
 
 async def test_slot_actions_need_a_save_path(client: Client, state: OpenAIReferenceState) -> None:
