@@ -116,9 +116,10 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
         yield session
 
 
-def test_every_subpackage_of_the_source_is_shipped() -> None:
-    configured = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
-    found = {f"sessionbridge.{name}" for name in find_packages(str(ROOT / "src" / "sessionbridge"))}
+def test_every_committed_subpackage_is_shipped(installed: Installed) -> None:
+    tree = installed.source
+    configured = tomllib.loads((tree / "pyproject.toml").read_text())["tool"]["setuptools"]
+    found = {f"sessionbridge.{name}" for name in find_packages(str(tree / "src" / "sessionbridge"))}
 
     assert found | {"sessionbridge"} <= set(configured["packages"])
 

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import time
+from typing import Any
 
 import aiohttp
 from aiohttp.test_utils import TestServer
 
+from sessionbridge.config import Settings
 from sessionbridge.upstream.reference_sessions import DevServerState
 
 from .conftest import Api, MakeApi
@@ -19,63 +22,116 @@ async def test_healthz_answers_without_a_token(api: Api) -> None:
     assert response.status == 200
 
 
-async def test_ready_when_database_and_ai_server_are_healthy(api: Api) -> None:
+# /readyz reports the latest background probe; every answer, in every state,
+# must come within this (measured from the client, round trip included).
+ANSWER_WITHIN = 0.050
+PROBE_EVERY = 0.1
+
+
+async def readyz(api: Api) -> tuple[int, dict[str, Any]]:
+    started = time.monotonic()
     response = await api.client.get("/readyz")
+    body: dict[str, Any] = await response.json(content_type=None)
+    elapsed = time.monotonic() - started
+    assert elapsed < ANSWER_WITHIN, f"/readyz took {elapsed * 1000:.1f} ms: {body}"
+    if response.status == 503:
+        assert response.content_type == "application/problem+json"
+        assert body["code"] == "not_ready"
+    return response.status, body
 
-    assert response.status == 200
-    assert (await response.json())["upstream"] == "healthy"
+
+async def readyz_becomes(api: Api, status: int, within: float) -> dict[str, Any]:
+    """Poll /readyz until it answers ``status``; every answer is timed."""
+    deadline = time.monotonic() + within
+    while True:
+        got, body = await readyz(api)
+        if got == status:
+            return body
+        assert time.monotonic() < deadline, f"/readyz still {got} after {within} s: {body}"
+        await asyncio.sleep(0.02)
 
 
-async def test_not_ready_when_the_ai_server_is_unhealthy(
-    api: Api, ai_state: DevServerState
+async def test_ready_when_database_and_ai_server_are_healthy(api: Api) -> None:
+    status, body = await readyz(api)
+
+    assert status == 200
+    assert (body["database"], body["upstream"]) == ("ok", "healthy")
+
+
+async def test_not_ready_when_the_ai_server_is_unhealthy_and_ready_again_after(
+    make_api: MakeApi, ai_state: DevServerState
 ) -> None:
+    api = await make_api(ready_interval=PROBE_EVERY)
     ai_state.healthy = False
 
-    response = await api.client.get("/readyz")
+    body = await readyz_becomes(api, 503, within=1.0)
+    assert "unhealthy" in body["detail"]
 
-    assert response.status == 503
-    assert response.content_type == "application/problem+json"
-    assert "unhealthy" in (await response.json())["detail"]
+    ai_state.healthy = True
+    assert (await readyz_becomes(api, 200, within=1.0))["upstream"] == "healthy"
 
 
-async def test_not_ready_at_once_when_the_ai_server_is_down(
-    api: Api, ai_server: TestServer
+async def test_not_ready_at_the_next_probe_when_the_ai_server_is_down(
+    make_api: MakeApi, ai_server: TestServer
 ) -> None:
+    api = await make_api(ready_interval=PROBE_EVERY)
     await ai_server.close()
 
     started = time.monotonic()
-    response = await api.client.get("/readyz")
+    body = await readyz_becomes(api, 503, within=1.0)
 
-    assert response.status == 503
-    assert time.monotonic() - started < 0.4
-    assert "cannot be reached" in (await response.json())["detail"]
+    # Refused is not ready from the first probe that sees it: no grace.
+    assert time.monotonic() - started < PROBE_EVERY + 0.4
+    assert "cannot be reached" in body["detail"]
+
+
+async def test_answers_at_once_while_the_ai_servers_health_is_silent(
+    make_api: MakeApi, ai_state: DevServerState
+) -> None:
+    # The probe waits the whole health timeout for a silent /health; /readyz
+    # must not (it used to wait those 2 s).
+    api = await make_api(health_timeout=2.0, ready_interval=PROBE_EVERY)
+    ai_state.serial = True
+    session_id = await api.new_session()
+    await api.say(session_id, "warm up")
+    ai_state.hang = True
+    stuck = asyncio.create_task(api.send(session_id, "never answered"))
+    await asyncio.sleep(0.1)
+
+    answers = []
+    started = time.monotonic()
+    while time.monotonic() - started < 2.5:  # across a whole silent probe
+        answers.append(await readyz(api))
+        await asyncio.sleep(0.05)
+
+    assert {status for status, _ in answers} == {200}
+    assert answers[-1][1]["upstream"] == "busy"
+    stuck.cancel()
 
 
 async def test_stays_ready_while_a_serial_ai_server_is_busy_generating(
     make_api: MakeApi, ai_state: DevServerState
 ) -> None:
-    api = await make_api(health_timeout=0.2)
+    api = await make_api(health_timeout=0.2, ready_interval=PROBE_EVERY)
     ai_state.serial = True
     session_id = await api.new_session()
     await api.say(session_id, "warm up")
     ai_state.delay = 1.0
     turn = asyncio.create_task(api.send(session_id, "a long generation"))
-    await asyncio.sleep(0.1)
 
-    started = time.monotonic()
-    response = await api.client.get("/readyz")
-    elapsed = time.monotonic() - started
+    body = await readyz_becomes(api, 200, within=0.1)
+    await asyncio.sleep(0.5)  # a probe has met the silent /health by now
+    status, body = await readyz(api)
 
-    assert response.status == 200
-    assert (await response.json())["upstream"] == "busy"
-    assert elapsed < 0.6
+    assert status == 200
+    assert body["upstream"] == "busy"
     assert (await turn).status == 200
 
 
 async def test_silent_ai_server_without_recent_success_is_not_ready(
     make_api: MakeApi, ai_state: DevServerState, ai_server: TestServer
 ) -> None:
-    api = await make_api(health_timeout=0.2, ready_grace=0)
+    api = await make_api(health_timeout=0.2, ready_grace=0, ready_interval=PROBE_EVERY)
     auth = {"Authorization": aiohttp.encode_basic_auth("dev", "dev")}
     # Someone else's request occupies the AI server, so its /health is silent.
     async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as other:
@@ -89,30 +145,45 @@ async def test_silent_ai_server_without_recent_success_is_not_ready(
             other.post(ai_server.make_url("/chat"), json={"message": "x", "max_tokens": 20},
                        headers={**auth, "Cookie": cookie})
         )
-        await asyncio.sleep(0.1)
 
-        response = await api.client.get("/readyz")
+        body = await readyz_becomes(api, 503, within=1.5)
 
-        assert response.status == 503
-        assert "did not answer in time" in (await response.json())["detail"]
+        assert "did not answer in time" in body["detail"]
         stuck.cancel()
 
 
 async def test_a_turn_in_flight_counts_as_busy_not_down(
     make_api: MakeApi, ai_state: DevServerState
 ) -> None:
-    api = await make_api(health_timeout=0.2, ready_grace=0)
+    api = await make_api(health_timeout=0.2, ready_grace=0, ready_interval=PROBE_EVERY)
     ai_state.serial = True
     ai_state.hang = True
     session_id = await api.new_session()
     stuck = asyncio.create_task(api.send(session_id, "never answered"))
-    await asyncio.sleep(0.1)
+    await asyncio.sleep(0.6)  # probes have met the silent /health
 
-    response = await api.client.get("/readyz")
+    status, body = await readyz(api)
 
-    assert response.status == 200
-    assert (await response.json())["upstream"] == "busy"
+    assert status == 200
+    assert body["upstream"] == "busy"
     stuck.cancel()
+
+
+async def test_not_ready_while_another_process_holds_the_write_lock(
+    make_api: MakeApi, settings: Settings
+) -> None:
+    api = await make_api(health_timeout=0.5, ready_interval=PROBE_EVERY)
+    holder = sqlite3.connect(settings.db, isolation_level=None)
+    try:
+        holder.execute("BEGIN IMMEDIATE")
+
+        body = await readyz_becomes(api, 503, within=2.0)
+        assert "database" in body["detail"]
+
+        holder.execute("ROLLBACK")
+        assert (await readyz_becomes(api, 200, within=2.0))["database"] == "ok"
+    finally:
+        holder.close()
 
 
 async def test_metrics_count_ai_sessions_by_kind(api: Api, ai_state: DevServerState) -> None:

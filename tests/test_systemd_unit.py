@@ -10,6 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from sessionbridge.config import Settings
+from sessionbridge.connections import descriptor_reserve
+
 UNIT = Path(__file__).resolve().parents[1] / "deploy" / "sessionbridge.service"
 INSTALLED_BINARY = "/opt/sessionbridge/.venv/bin/sessionbridge"
 
@@ -53,6 +56,16 @@ def test_unit_is_a_hardened_notify_service() -> None:
     assert unit["SystemCallFilter"][0] == "@system-service"
     assert unit["EnvironmentFile"], "secrets come from an environment file"
     assert not any("PASSWORD" in value for value in unit.get("Environment", []))
+
+
+def test_descriptor_limit_leaves_room_for_the_connection_cap() -> None:
+    settings = Settings()
+    needed = settings.max_connections + descriptor_reserve(settings.max_inflight + 8)
+
+    (limit,) = directives()["LimitNOFILE"]
+
+    # Room for the whole default cap, and not so much that the cap means nothing.
+    assert needed <= int(limit) <= 4 * needed
 
 
 @needs_systemd_analyze

@@ -13,12 +13,13 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from . import api, openapi, ops
-from .appkeys import AI_SERVER, CONVERSATIONS, METRICS, SETTINGS, STORE
+from .appkeys import AI_SERVER, CONVERSATIONS, METRICS, READINESS, SETTINGS, STORE
 from .auth import auth_middleware
 from .config import Settings
 from .conversation import Conversations
-from .errors import problem_middleware
+from .errors import StorageUnavailable, problem_middleware
 from .metrics import Metrics
+from .readiness import ReadinessProbe, probing
 from .schema import apply_migrations
 from .store import SqliteStore
 from .upstream import SessionServerClient
@@ -55,7 +56,9 @@ async def database(app: web.Application) -> AsyncIterator[None]:
     yield
     # Turns cancelled by shutdown record their own failure; this catches any
     # whose write had not started when the handlers were cancelled.
-    await store.fail_pending_turns()
+    # A full disk now is logged by the store; the next start fails them.
+    with contextlib.suppress(StorageUnavailable):
+        await store.fail_pending_turns()
     await store.close()
 
 
@@ -90,6 +93,14 @@ async def conversations(app: web.Application) -> AsyncIterator[None]:
     yield
 
 
+async def readiness(app: web.Application) -> AsyncIterator[None]:
+    service = app[CONVERSATIONS]
+    probe = ReadinessProbe(app[STORE], app[AI_SERVER], app[SETTINGS], lambda: service.inflight)
+    async with probing(probe):
+        app[READINESS] = probe
+        yield
+
+
 async def idempotency_purge(app: web.Application) -> AsyncIterator[None]:
     async def purge_forever() -> None:
         ttl = app[SETTINGS].idempotency_ttl
@@ -98,6 +109,8 @@ async def idempotency_purge(app: web.Application) -> AsyncIterator[None]:
                 purged = await app[STORE].purge_idempotency(time.time() - ttl)
                 if purged:
                     log.info("event=idempotency_purged count=%d", purged)
+            except StorageUnavailable:
+                pass  # logged by the store as one line; the next round tries again
             except Exception:
                 log.exception("event=idempotency_purge_failed")
             await asyncio.sleep(min(ttl / 10, 600))
@@ -116,7 +129,7 @@ def create_app(settings: Settings) -> web.Application:
     )
     app[SETTINGS] = settings
     app[METRICS] = Metrics()
-    app.cleanup_ctx.extend([database, ai_server, conversations, idempotency_purge])
+    app.cleanup_ctx.extend([database, ai_server, conversations, readiness, idempotency_purge])
     app.add_routes(api.routes)
     app.add_routes(ops.routes)
     app.add_routes(openapi.routes)

@@ -7,6 +7,7 @@ from aiohttp import web
 from .config import Settings
 from .conversation import Conversations
 from .metrics import Metrics
+from .readiness import ReadinessProbe
 from .records import ApiKey
 from .store import Store
 from .upstream import AIServer
@@ -16,5 +17,6 @@ METRICS = web.AppKey("metrics", Metrics)
 STORE = web.AppKey("store", Store)
 AI_SERVER = web.AppKey("ai_server", AIServer)
 CONVERSATIONS = web.AppKey("conversations", Conversations)
+READINESS = web.AppKey("readiness", ReadinessProbe)
 
 API_KEY = web.RequestKey("api_key", ApiKey)

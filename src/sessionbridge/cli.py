@@ -20,6 +20,7 @@ from aiohttp.http_exceptions import BadHttpMessage
 from .app import create_app
 from .appkeys import CONVERSATIONS
 from .config import ConfigError, Settings, load_settings
+from .connections import ConnectionGuard, condense_accept_errors, descriptor_reserve, effective_cap
 from .notify import feed_watchdog, notify, watchdog_interval
 from .schema import MigrationsMissing
 from .store import DuplicateKeyName, database, migrate, open_store
@@ -30,6 +31,8 @@ log = logging.getLogger("sessionbridge")
 # aiohttp waits this long twice for handlers that outlived the grace (then
 # cancels them); the database cleanup marks whatever they left pending as failed.
 _CANCEL_WAIT = 0.1
+# Connections the kernel may hold before the bridge accepts them (aiohttp's default).
+LISTEN_BACKLOG = 128
 
 
 # -- serving -------------------------------------------------------------------------------
@@ -41,7 +44,8 @@ async def serve(settings: Settings, banner: str | None = None) -> None:
     # The grace period is kept below, by waiting for the turns themselves;
     # aiohttp's shutdown timeout only bounds the wait after the grace.
     runner = web.AppRunner(
-        app, shutdown_timeout=_CANCEL_WAIT, access_log=None, handle_signals=False
+        app, shutdown_timeout=_CANCEL_WAIT, access_log=None, handle_signals=False,
+        keepalive_timeout=settings.keepalive_timeout,
     )
     # setup() runs the startup half of every cleanup context: migrations and
     # the database are ready before the socket accepts anything.
@@ -51,9 +55,23 @@ async def serve(settings: Settings, banner: str | None = None) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     watchdog: asyncio.Task[None] | None = None
+    listener: asyncio.Server | None = None
     try:
-        site = web.TCPSite(runner, settings.host, settings.port)
-        await site.start()
+        assert runner.server is not None
+        # aiohttp's web.Server is a protocol factory; the guard wraps it with
+        # the connection cap and the header deadline (connections.py).
+        guard = ConnectionGuard(
+            runner.server,
+            cap=effective_cap(
+                settings.max_connections,
+                descriptor_reserve(upstream_pool=settings.max_inflight + 8),
+            ),
+            header_timeout=settings.header_timeout,
+        )
+        condense_accept_errors(loop)
+        listener = await loop.create_server(
+            guard, settings.host, settings.port, backlog=LISTEN_BACKLOG, reuse_address=True
+        )
         # Ready only now that the database is migrated and the port listens.
         notify("READY=1")
         log.info(
@@ -71,7 +89,7 @@ async def serve(settings: Settings, banner: str | None = None) -> None:
         log.info("event=stopping grace_seconds=%s", settings.shutdown_grace)
         # Stop accepting: close the listening socket and make keep-alive
         # connections close after their current request.
-        await site.stop()
+        listener.close()
         if runner.server is not None:
             runner.server.pre_shutdown()
         drained = await app[CONVERSATIONS].wait_idle(settings.shutdown_grace)
@@ -80,6 +98,8 @@ async def serve(settings: Settings, banner: str | None = None) -> None:
     finally:
         if watchdog is not None:
             watchdog.cancel()
+        if listener is not None:
+            listener.close()
         # Cancels what still runs (those turns record themselves as failed),
         # then closes the AI-server client and the database.
         await runner.cleanup()

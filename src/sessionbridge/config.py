@@ -73,6 +73,19 @@ class Settings:
     # A /health that times out still counts as ready when an AI-server call
     # succeeded this recently: the server answers one request at a time.
     ready_grace: float = 300.0
+    # How often the background readiness probe asks the database and the AI
+    # server (/readyz reports the latest answer, at once).
+    ready_interval: float = 1.0
+    # Slow clients (connections.py). A client has header_timeout seconds from
+    # connecting to send its first request's head; a kept-alive connection
+    # closes after keepalive_timeout idle seconds (above the 60 s a proxy such
+    # as nginx keeps idle upstream connections, so the bridge never closes one
+    # a proxy is about to reuse); at most max_connections are open at once
+    # (and fewer if the descriptor limit leaves less room; see the unit's
+    # LimitNOFILE).
+    header_timeout: float = 10.0
+    keepalive_timeout: float = 75.0
+    max_connections: int = 1024
     default_max_tokens: int = 256
     empty_reply_retries: int = 2
     recovery_budget: int = 6000
@@ -103,6 +116,9 @@ class Settings:
                      "shutdown_grace", "ready_grace", "key_cache_seconds"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must not be negative")
+        for name in ("ready_interval", "header_timeout", "keepalive_timeout", "max_connections"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive")
 
     @property
     def session_max_tokens_default(self) -> int:

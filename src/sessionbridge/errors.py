@@ -12,6 +12,9 @@
     ├── TooLarge                   413 too_large
     ├── SessionBusy                429 session_busy              (Retry-After)
     ├── Overloaded                 503 overloaded                (Retry-After)
+    ├── StorageUnavailable         503 storage_unavailable       (Retry-After): the
+    │                              database cannot take the write now (disk full,
+    │                              locked past the busy timeout, I/O error)
     └── UpstreamFailure            a failed AI-server call
         ├── UpstreamError          502 upstream_error
         ├── UpstreamEmptyReply     502 upstream_empty_reply
@@ -123,6 +126,12 @@ class NotReady(BridgeError):
 class Overloaded(BridgeError):
     status, code, title = 503, "overloaded", "The bridge is at its in-flight limit"
     retry_after = 1
+
+
+class StorageUnavailable(BridgeError):
+    # Raised by the store package only, from the driver's error (``raise ... from``).
+    status, code, title = 503, "storage_unavailable", "The database cannot take the write now"
+    retry_after = 5
 
 
 class UpstreamFailure(BridgeError):

@@ -6,7 +6,8 @@ committed once (a failing write makes the batch fall back to one transaction
 per write, so it fails alone): under load a turn's two writes cost a share of
 a commit instead of a commit each, and one thread hop per batch instead of one
 per statement. A write's future resolves only after its transaction committed, so
-nothing is reported stored before it is.
+nothing is reported stored before it is. A storage fault (disk full, locked past
+the busy timeout, I/O error) reaches the writer as StorageUnavailable.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import sqlite3
 import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
+
+from .sqlite_faults import storage_faults
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +79,8 @@ class GroupCommitWriter:
         self._pending.append((op, future))
         if not self._in_flight:
             self._send_next()
-        return await future
+        with storage_faults("write"):
+            return await future
 
     async def close(self) -> None:
         """Commit what is pending, then close the connection and stop the thread."""
@@ -151,7 +155,6 @@ class GroupCommitWriter:
         except Exception as exc:
             if connection.in_transaction:
                 connection.execute("ROLLBACK")
-            if isinstance(exc, sqlite3.OperationalError):  # I/O error, disk full, locked
-                log.error("event=write_failed error=%s", exc)
+            # A storage fault is logged once, as its writer gets it (run()).
             return (False, exc)
         return (True, value)

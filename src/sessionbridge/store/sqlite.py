@@ -21,6 +21,7 @@ from typing import Any
 
 import aiosqlite
 
+from ..errors import StorageUnavailable
 from ..records import (
     AISessionKind,
     ApiKey,
@@ -35,6 +36,7 @@ from ..records import (
 )
 from .base import DuplicateKeyName, SessionGone
 from .group_commit import GroupCommitWriter
+from .sqlite_faults import MappedReader
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +95,22 @@ CHECKPOINT_INTERVAL = 1.0
 CHECKPOINT_BATCHES = 400
 CHECKPOINT_POLL = 0.25
 KEY_CACHE_SIZE = 1024
+# Below this much free space where the database lives, /readyz says the disk
+# is full: a few dozen turns' WAL frames, and an operator's emergency anyway.
+MIN_FREE_BYTES = 1024 * 1024
+
+
+def _nothing(db: sqlite3.Connection) -> None:
+    return None
+
+
+def _free_bytes(path: str) -> int:
+    """Bytes an unprivileged writer may still use on the database's filesystem."""
+    try:
+        stats = os.statvfs(os.path.dirname(os.path.abspath(path)))
+    except OSError as exc:
+        raise StorageUnavailable(f"the database's folder cannot be read: {exc}") from exc
+    return stats.f_bavail * stats.f_frsize
 WRITER_AUTOCHECKPOINT_PAGES = 20_000
 
 
@@ -114,10 +132,14 @@ class SqliteStore:
         reader: aiosqlite.Connection,
         checkpointer: aiosqlite.Connection,
         key_cache_seconds: float = 0.0,
+        path: str = "",
     ) -> None:
         self._writer = writer
-        self._reader = reader
+        # Reads and writes alike turn storage faults into StorageUnavailable
+        # (sqlite_faults.py), so no sqlite3 error of that kind leaves the store.
+        self._reader = MappedReader(reader)
         self._checkpointer = checkpointer
+        self._path = path
         # Live keys seen recently, by token hash, with the time they were read.
         # Every request needs its key; a read through the reader thread costs
         # the event loop a wake-up and a turn of the GIL, the largest single
@@ -148,7 +170,7 @@ class SqliteStore:
                 await reader.close()
             await writer.close()
             raise
-        return cls(writer, readers[0], readers[1], key_cache_seconds)
+        return cls(writer, readers[0], readers[1], key_cache_seconds, path)
 
     async def close(self) -> None:
         self._checkpoints.cancel()
@@ -156,8 +178,11 @@ class SqliteStore:
             await self._checkpoints
         await self._reader.close()
         await self._writer.close()
-        # Leave a short WAL behind: the next start reads less.
-        await self._checkpointer.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        try:
+            # Leave a short WAL behind: the next start reads less.
+            await self._checkpointer.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error as exc:  # a full disk: the WAL stays, nothing is lost
+            log.warning("event=checkpoint_failed error=%s", exc)
         await self._checkpointer.close()
 
     async def _checkpoint_forever(self) -> None:
@@ -180,7 +205,22 @@ class SqliteStore:
                 log.warning("event=checkpoint_failed error=%s", exc)
 
     async def ping(self) -> None:
+        """Return if the database can take a write now, else raise StorageUnavailable.
+
+        A read; an empty write transaction, which takes the write lock (waiting
+        at most the busy timeout, as a turn would); and the free space where the
+        database lives. SQLite reuses the WAL's space after a checkpoint, so a
+        full disk fails only the writes that must grow a file, and a write that
+        happens to succeed proves little: the free space tells it first.
+        """
         await self._reader.execute_fetchall("SELECT 1")
+        await self._writer.run(_nothing)
+        if not self._path:
+            return
+        free = await asyncio.to_thread(_free_bytes, self._path)
+        if free < MIN_FREE_BYTES:
+            log.warning("event=storage_unavailable operation=ping free_bytes=%d", free)
+            raise StorageUnavailable(f"the disk is full ({free} bytes free); try again shortly")
 
     async def _write(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
         """One statement in the next group commit; its rows (for RETURNING)."""
@@ -414,6 +454,7 @@ class SqliteStore:
         draft = self._draft("user", content, "pending")
 
         def write(db: sqlite3.Connection) -> Message:
+            self._fail_stale_question(db, session_pk)
             if retry_message_pk is None:
                 message = self._insert_message(db, session_pk, draft)
             else:
@@ -423,6 +464,25 @@ class SqliteStore:
             return message
 
         return await self._writer.run(write)
+
+    @staticmethod
+    def _fail_stale_question(db: sqlite3.Connection, session_pk: int) -> None:
+        # A turn whose fail_turn could not be written (a full disk) leaves its
+        # question pending. Under the session's lock no turn of this session
+        # runs, so a pending question now is such a leftover; it is always the
+        # session's last message (nothing is stored after a failed turn), so
+        # the lookup is one index probe. Its Idempotency-Key is freed with it.
+        stale = db.execute(
+            "UPDATE messages SET status = 'failed' WHERE session_pk = ? AND status = 'pending'"
+            " AND seq = (SELECT last_seq FROM chat_sessions WHERE pk = ?) RETURNING pk",
+            (session_pk, session_pk),
+        ).fetchone()
+        if stale is not None:
+            db.execute(
+                "UPDATE idempotency_keys SET state = 'failed'"
+                " WHERE user_message_pk = ? AND state = 'in_progress'",
+                (stale[0],),
+            )
 
     async def set_ai_session(self, session_pk: int, ai_session_id: str) -> None:
         await self._write(
@@ -493,11 +553,10 @@ class SqliteStore:
     async def fail_pending_turns(self) -> int:
         """Mark turns cut off by a crash or shutdown as failed; return how many."""
         def write(db: sqlite3.Connection) -> int:
-            # A pending question is always its session's last message.
-            failed = db.execute(
-                "UPDATE messages SET status = 'failed' WHERE status = 'pending'"
-                " AND (session_pk, seq) IN (SELECT pk, last_seq FROM chat_sessions)"
-            )
+            # Every pending one, wherever it stands: a question whose failure
+            # could not be written (a full disk) may have had turns after it.
+            # Once per start, so a scan of the table is affordable.
+            failed = db.execute("UPDATE messages SET status = 'failed' WHERE status = 'pending'")
             db.execute("UPDATE idempotency_keys SET state = 'failed' WHERE state = 'in_progress'")
             return failed.rowcount
 
