@@ -632,7 +632,10 @@ async def test_turn_returns_question_and_reply_with_consecutive_seq(
     body = await response.json()
     assert set(body) == {"user_message", "reply", "ai_session"}
     question, reply = body["user_message"], body["reply"]
-    assert set(question) == set(reply) == MESSAGE_FIELDS
+    assert set(question) == MESSAGE_FIELDS
+    # An answer also says how its turn got its AI session (the seed protocol reports no usage).
+    assert set(reply) == MESSAGE_FIELDS | {"ai_session"}
+    assert reply["ai_session"] == body["ai_session"] == "created"
     assert (question["seq"], question["role"], question["status"]) == (1, "user", "answered")
     assert (reply["seq"], reply["role"], reply["status"]) == (2, "assistant", "answered")
     assert question["content"] == "What is 2+2?"

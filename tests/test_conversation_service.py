@@ -9,32 +9,32 @@ from pathlib import Path
 import pytest
 
 from sessionbridge.config import Settings
-from sessionbridge.conversation import Conversations, recovery_scenario
-from sessionbridge.errors import SessionLost, UpstreamEmptyReply, UpstreamError
+from sessionbridge.conversation import Conversations
+from sessionbridge.errors import BridgeError, SessionLost, UpstreamEmptyReply, UpstreamError
 from sessionbridge.metrics import Metrics
 from sessionbridge.records import ApiKey, TranscriptTurn
 from sessionbridge.schema import apply_migrations
 from sessionbridge.store import SqliteStore
-from sessionbridge.upstream import HealthReport
+from sessionbridge.upstream.sessions import SessionServerClient, recovery_scenario
 
 
-class ScriptedAI:
-    """An AI server whose /chat answers come from a list: a string or an exception."""
-
-    create_endpoint = "scenario"
+class ScriptedAI(SessionServerClient):
+    """The seed protocol's adapter whose calls answer from a list: a string or an exception."""
 
     def __init__(self, replies: list[str | Exception]) -> None:
+        super().__init__(None, "http://unused")  # type: ignore[arg-type]
         self.replies = replies
         self.created: list[str] = []
         self.chats = 0
-        self.last_success: float | None = None
         self.gate: asyncio.Event | None = None
 
-    async def create_session(self, scenario: str) -> str:
+    async def create_session(self, scenario: str, session_id: str = "-") -> str:
         self.created.append(scenario)
         return f"ai-{len(self.created)}"
 
-    async def chat(self, ai_session_id: str, message: str, max_tokens: int) -> str:
+    async def chat(
+        self, ai_session_id: str, message: str, max_tokens: int, session_id: str = "-"
+    ) -> str:
         self.chats += 1
         if self.gate is not None:
             await self.gate.wait()
@@ -42,9 +42,6 @@ class ScriptedAI:
         if isinstance(reply, Exception):
             raise reply
         return reply
-
-    async def health(self, timeout: float) -> HealthReport:
-        return HealthReport(True, "healthy")
 
 
 @pytest.fixture
@@ -95,16 +92,36 @@ async def test_recovery_happens_once_per_turn(store: SqliteStore) -> None:
     assert len(ai.created) == 2  # the original and one recovery, never a loop
 
 
-async def test_a_cancelled_turn_is_stored_as_failed(store: SqliteStore) -> None:
+async def test_a_client_that_goes_away_does_not_stop_its_turn(store: SqliteStore) -> None:
+    ai = ScriptedAI(["answered anyway"])
+    ai.gate = asyncio.Event()
+    service, key, session_id = await start(store, ai)
+    waiter = asyncio.create_task(service.send(key, session_id, "still there?", None))
+    await asyncio.sleep(0.05)
+
+    waiter.cancel()
+    ai.gate.set()
+    assert await service.wait_idle(2.0)
+
+    session = await store.get_session(key.id, session_id)
+    assert session is not None
+    messages = await store.list_messages(session.pk, 10, None)
+    assert [(m.role, m.status, m.content) for m in messages] == [
+        ("user", "answered", "still there?"), ("assistant", "answered", "answered anyway")
+    ]
+
+
+async def test_a_turn_cut_off_by_shutdown_is_stored_as_failed(store: SqliteStore) -> None:
     ai = ScriptedAI(["never"])
     ai.gate = asyncio.Event()
     service, key, session_id = await start(store, ai)
     turn = asyncio.create_task(service.send(key, session_id, "cut off", None))
     await asyncio.sleep(0.05)
 
-    turn.cancel()
-    with pytest.raises(asyncio.CancelledError):
+    await service.stop()
+    with pytest.raises(BridgeError) as cut_off:
         await turn
+    assert cut_off.value.code == "upstream_unavailable"
 
     session = await store.get_session(key.id, session_id)
     assert session is not None
@@ -117,7 +134,9 @@ async def test_max_tokens_falls_back_to_the_session_setting(store: SqliteStore) 
     seen: list[int] = []
 
     class Recording(ScriptedAI):
-        async def chat(self, ai_session_id: str, message: str, max_tokens: int) -> str:
+        async def chat(
+            self, ai_session_id: str, message: str, max_tokens: int, session_id: str = "-"
+        ) -> str:
             seen.append(max_tokens)
             return "ok"
 
@@ -144,7 +163,9 @@ async def test_a_stored_max_tokens_outside_a_narrowed_range_is_moved_into_it(
     seen: list[int] = []
 
     class Recording(ScriptedAI):
-        async def chat(self, ai_session_id: str, message: str, max_tokens: int) -> str:
+        async def chat(
+            self, ai_session_id: str, message: str, max_tokens: int, session_id: str = "-"
+        ) -> str:
             seen.append(max_tokens)
             return "ok"
 
@@ -168,7 +189,7 @@ async def test_an_answer_that_cannot_be_stored_leaves_its_question_failed(
     service, key, session_id = await start(store, ScriptedAI(["an answer"]))
     monkeypatch.setattr(store, "finish_turn", disk_full)
 
-    with pytest.raises(sqlite3.OperationalError):
+    with pytest.raises(BridgeError):  # never a bare driver error, never a 500
         await service.send(key, session_id, "hello", None)
 
     session = await store.get_session(key.id, session_id)

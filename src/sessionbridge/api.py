@@ -16,7 +16,7 @@ from .appkeys import API_KEY, CONVERSATIONS, SETTINGS, STORE
 from .config import Settings
 from .errors import FieldError, InvalidField, InvalidJSON, NotFound
 from .jsoncodec import json_response
-from .records import ApiKey, ChatSession
+from .records import ApiKey, ChatSession, is_storable
 
 MAX_PAGE = 200
 DEFAULT_PAGE = 50
@@ -39,19 +39,6 @@ async def read_object(request: web.Request) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise InvalidJSON("the body must be a JSON object")
     return body
-
-
-def is_utf8(text: str) -> bool:
-    """Whether ``text`` can be stored: no lone surrogates.
-
-    They come from a JSON ``\\ud800`` escape, or from header bytes that are not
-    UTF-8 (aiohttp decodes headers with surrogateescape); SQLite cannot store them.
-    """
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 class Fields:
@@ -82,7 +69,7 @@ class Fields:
         if "\x00" in value:
             self.fail(field, "must not contain NUL characters")
             return None
-        if not is_utf8(value):
+        if not is_storable(value):
             self.fail(field, "must be valid Unicode (no lone surrogates)")
             return None
         return value
@@ -194,12 +181,10 @@ async def get_session(request: web.Request) -> web.Response:
 
 @routes.delete("/v1/sessions/{id}")
 async def delete_session(request: web.Request) -> web.Response:
-    deleted = await request.app[STORE].delete_session(
-        api_key(request).id, request.match_info["id"]
-    )
-    if not deleted:
+    session = await owned_session(request)
+    if not await request.app[STORE].delete_session(api_key(request).id, session.id):
         raise NotFound("no such session")
-    request.app[CONVERSATIONS].forget(request.match_info["id"])
+    await request.app[CONVERSATIONS].deleted(session)
     return web.Response(status=204)
 
 
@@ -212,7 +197,7 @@ async def post_message(request: web.Request) -> web.Response:
     max_tokens = fields.max_tokens(settings)
     if idempotency_key is not None and not 1 <= len(idempotency_key) <= MAX_IDEMPOTENCY_KEY:
         fields.fail("Idempotency-Key", f"must be 1 to {MAX_IDEMPOTENCY_KEY} characters")
-    elif idempotency_key is not None and not is_utf8(idempotency_key):
+    elif idempotency_key is not None and not is_storable(idempotency_key):
         fields.fail("Idempotency-Key", "must be UTF-8 text")
     fields.check()
     assert content is not None

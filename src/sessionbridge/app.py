@@ -12,7 +12,7 @@ import aiohttp
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from . import api, openapi, ops
+from . import api, openapi, ops, upstream
 from .appkeys import AI_SERVER, CONVERSATIONS, METRICS, READINESS, SETTINGS, STORE
 from .auth import auth_middleware
 from .config import Settings
@@ -20,9 +20,7 @@ from .conversation import Conversations
 from .errors import StorageUnavailable, problem_middleware
 from .metrics import Metrics
 from .readiness import ReadinessProbe, probing
-from .schema import apply_migrations
-from .store import SqliteStore
-from .upstream import SessionServerClient
+from .store import open_store
 from .web import page
 
 log = logging.getLogger(__name__)
@@ -41,25 +39,20 @@ async def metrics_middleware(request: web.Request, handler: Handler) -> web.Stre
 
 
 async def database(app: web.Application) -> AsyncIterator[None]:
-    settings = app[SETTINGS]
-    # yoyo is synchronous: keep it off the event loop.
-    await asyncio.to_thread(apply_migrations, settings.db)
-    store = await SqliteStore.open(
-        settings.db, settings.db_synchronous, key_cache_seconds=settings.key_cache_seconds
-    )
-    cut_off = await store.fail_pending_turns()
-    if cut_off:
-        log.warning(
-            "event=pending_turns_failed count=%d reason=previous_run_ended_mid_turn", cut_off
-        )
-    app[STORE] = store
-    yield
-    # Turns cancelled by shutdown record their own failure; this catches any
-    # whose write had not started when the handlers were cancelled.
-    # A full disk now is logged by the store; the next start fails them.
-    with contextlib.suppress(StorageUnavailable):
-        await store.fail_pending_turns()
-    await store.close()
+    # Migrates first (SQLite or PostgreSQL, by SESSIONBRIDGE_DB), closes at the end.
+    async with open_store(app[SETTINGS]) as store:
+        cut_off = await store.fail_pending_turns()
+        if cut_off:
+            log.warning(
+                "event=pending_turns_failed count=%d reason=previous_run_ended_mid_turn", cut_off
+            )
+        app[STORE] = store
+        yield
+        # Turns cancelled by shutdown record their own failure; this catches any
+        # whose write had not started when the handlers were cancelled.
+        # A full disk now is logged by the store; the next start fails them.
+        with contextlib.suppress(StorageUnavailable):
+            await store.fail_pending_turns()
 
 
 async def ai_server(app: web.Application) -> AsyncIterator[None]:
@@ -71,15 +64,7 @@ async def ai_server(app: web.Application) -> AsyncIterator[None]:
         connector=aiohttp.TCPConnector(limit=settings.max_inflight + 8),
         timeout=aiohttp.ClientTimeout(total=settings.upstream_timeout),
     )
-    app[AI_SERVER] = SessionServerClient(
-        http,
-        settings.upstream_url,
-        flavor=settings.upstream_flavor,
-        user=settings.upstream_user,
-        password=settings.upstream_password,
-        timeout=settings.upstream_timeout,
-        observe=app[METRICS].observe_upstream,
-    )
+    app[AI_SERVER] = upstream.connect(http, settings, app[METRICS])
     yield
     await http.close()
 
@@ -91,6 +76,8 @@ async def conversations(app: web.Application) -> AsyncIterator[None]:
     app[METRICS].inflight.set_function(lambda: service.inflight)
     app[CONVERSATIONS] = service
     yield
+    # Turns still running past the shutdown grace are cut off and record it.
+    await service.stop()
 
 
 async def readiness(app: web.Application) -> AsyncIterator[None]:

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 ENV_PREFIX = "SESSIONBRIDGE_"
-FLAVORS = ("scenario", "init-session")
+FLAVORS = ("scenario", "init-session", "openai")
+SLOT_SAVE_MODES = ("off", "on")
 SYNCHRONOUS_MODES = ("NORMAL", "FULL")
 
 
@@ -64,6 +65,23 @@ class Settings:
     upstream_user: str = ""
     upstream_password: str = field(default="", repr=False)
     upstream_flavor: str = "scenario"
+    # OpenAI-compatible servers (flavor "openai"): the model (empty: the first
+    # that GET /models lists), a bearer key, and the context budget in tokens
+    # (0: what the server reports, else 4096).
+    upstream_model: str = ""
+    upstream_api_key: str = field(default="", repr=False)
+    context_tokens: int = 0
+    # llama.cpp slot files (its --slot-save-path): "on" saves a conversation's
+    # slot after each turn and restores it when the conversation comes back.
+    # slot_dir is that folder as the bridge sees it, so it can remove a
+    # deleted session's file and keep at most slot_files of them.
+    slot_save: str = "off"
+    slot_dir: str = ""
+    slot_files: int = 64
+    # The largest answer read from the AI server; a reply is refused while it
+    # is being read past it. Replies are at most a few thousand tokens, and a
+    # JSON body escapes each character to at most 12 bytes.
+    max_reply_bytes: int = 256 * 1024
     upstream_max_tokens: TokenRange = TokenRange(10, 500)
     # A real model takes seconds to minutes; the later generation alone caps
     # generation at 30 s, so the default sits well above that.
@@ -105,15 +123,23 @@ class Settings:
     def __post_init__(self) -> None:
         if self.upstream_flavor not in FLAVORS:
             raise ConfigError(f"upstream_flavor must be one of {', '.join(FLAVORS)}")
+        if self.slot_save not in SLOT_SAVE_MODES:
+            raise ConfigError("slot_save must be on or off")
+        if self.slot_save == "on" and not self.slot_dir:
+            raise ConfigError(
+                "slot_save=on needs slot_dir: the llama.cpp server's --slot-save-path"
+                " as this bridge sees it, so that slot files stay bounded"
+            )
         if self.db_synchronous not in SYNCHRONOUS_MODES:
             raise ConfigError("db_synchronous must be NORMAL or FULL")
         if not 0 < self.port < 65536:
             raise ConfigError("port must be between 1 and 65535")
-        for name in ("upstream_timeout", "health_timeout", "max_body", "max_inflight"):
+        for name in ("upstream_timeout", "health_timeout", "max_body", "max_inflight",
+                     "max_reply_bytes", "slot_files"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive")
         for name in ("empty_reply_retries", "recovery_budget", "session_queue",
-                     "shutdown_grace", "ready_grace", "key_cache_seconds"):
+                     "shutdown_grace", "ready_grace", "key_cache_seconds", "context_tokens"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must not be negative")
         for name in ("ready_interval", "header_timeout", "keepalive_timeout", "max_connections"):
@@ -142,6 +168,8 @@ def _convert(name: str, raw: Any) -> Any:
             return float(raw)
         if name == "db_synchronous":
             return str(raw).upper()
+        if name == "slot_save":
+            return str(raw).lower()
         return str(raw)
     except ValueError:
         raise ConfigError(f"{name}: {raw!r} is not a valid {kind}") from None

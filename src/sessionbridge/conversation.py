@@ -1,10 +1,18 @@
-"""One turn of a conversation: lock, reuse/create/recover the AI session, store.
+"""The rules of a conversation that hold for every AI server, free of HTTP and of any protocol.
 
-This is where the bridge's rules live, free of HTTP: a conversation maps to one
-AI session for its whole life; messages of one session are answered one at a
-time; a lost AI session is recovered once, with the recent transcript; an empty
-reply is retried and never stored; a failed turn keeps its question as
-``failed`` and stores no answer.
+Messages of one session are answered one at a time, in arrival order (the
+session lock); admission (the per-session queue and the in-flight limit);
+a question is stored before the AI server is asked and its answer before the
+client is told; a failed turn keeps its question as ``failed`` with its error
+code and stores no answer; an empty or blank reply is retried and never
+stored nor streamed; ``Idempotency-Key`` replays, refuses or follows.
+
+How a conversation maps onto the AI server (create, reuse, recover; the
+history sent; the prompt cache) is the protocol adapter's (``upstream/``).
+
+A turn does not belong to the request that started it: it runs as a task of
+its own, so a client that goes away does not stop it, and anyone may follow
+its events (``turn_events``) while it runs.
 """
 
 from __future__ import annotations
@@ -17,9 +25,8 @@ import json
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 from .config import Settings
 from .errors import (
@@ -28,9 +35,10 @@ from .errors import (
     IdempotencyMismatch,
     NotFound,
     Overloaded,
-    SessionLost,
     UpstreamEmptyReply,
     UpstreamError,
+    UpstreamUnavailable,
+    error_from_code,
 )
 from .locks import SessionLocks
 from .metrics import Metrics
@@ -38,21 +46,26 @@ from .records import (
     AISessionKind,
     ApiKey,
     ChatSession,
+    HistoryTurn,
     IdempotencyRecord,
     IdempotencyStart,
     Message,
-    TranscriptTurn,
+    is_storable,
 )
 from .store import SessionGone, Store
-from .upstream import AIServer
+from .turn_events import TurnEvents, stored_events
+from .upstream import AIServer, Reply
 
 log = logging.getLogger(__name__)
-
-T = TypeVar("T")
 
 # Session rows kept for recently active conversations (a few hundred bytes to a
 # scenario's length each).
 CONTEXT_CACHE_SIZE = 1024
+# A follower of a question that is pending here without a running turn (one
+# that is being answered elsewhere) looks at the database this often.
+PENDING_POLL = 0.25
+# Which kind a turn reports when its attempts differ (an empty reply retried).
+_KIND_RANK: dict[AISessionKind, int] = {"reused": 0, "recovered": 1, "created": 2}
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,20 +82,109 @@ class TurnResult:
         }
 
 
-def recovery_scenario(scenario: str, transcript: list[TranscriptTurn]) -> str:
-    """The scenario of a recovered AI session: the original one, then the recent turns."""
-    if not transcript:
-        return scenario
-    lines = [scenario, "", "The conversation so far (oldest first):"]
-    for turn in transcript:
-        lines.append(f"User: {turn.user}")
-        lines.append(f"Assistant: {turn.assistant}")
-    return "\n".join(lines)
+@dataclass(eq=False)
+class Turn:
+    """A turn as its followers see it: its events, and its outcome once it has ended."""
+
+    events: TurnEvents
+    outcome: asyncio.Future[TurnResult]
+    question: Message | None = None
 
 
 def request_fingerprint(session_id: str, content: str, max_tokens: int | None) -> str:
     canonical = json.dumps([session_id, content, max_tokens], ensure_ascii=True)
     return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _consume(future: asyncio.Future[Any]) -> None:
+    # An outcome nobody awaited (a streaming client that went away) is fine.
+    if not future.cancelled():
+        future.exception()
+
+
+class _TurnContext:
+    """What the adapter may know and do about the conversation of one turn."""
+
+    def __init__(
+        self, service: Conversations, session: ChatSession, content: str, max_tokens: int
+    ) -> None:
+        self._service = service
+        self.session = session
+        self.content = content
+        self.max_tokens = max_tokens
+
+    @property
+    def state(self) -> str | None:
+        return self.session.ai_session_id
+
+    async def save_state(self, state: str) -> None:
+        await self._service._store.set_ai_session(self.session.pk, state)
+        self.session = dataclasses.replace(self.session, ai_session_id=state)
+        self._service._remember(self.session)
+
+    async def history(self, from_seq: int = 0) -> list[HistoryTurn]:
+        return await self._service._store.history(self.session.pk, from_seq)
+
+
+class _ReplyGate:
+    """Passes a reply's pieces to the turn's events, once the reply holds a non-blank character.
+
+    A blank reply is retried and must never reach a client, so leading blank
+    pieces wait here; text that cannot be stored (a lone surrogate) or a reply
+    over the limit fails the turn as an upstream error.
+    """
+
+    def __init__(self, events: TurnEvents, limit_bytes: int) -> None:
+        self._events = events
+        self._limit = limit_bytes
+        self._held: list[str] = []
+        self._size = 0
+        self.sent: list[str] = []
+
+    async def push(self, piece: str) -> None:
+        if not piece:
+            return
+        if not is_storable(piece):
+            raise UpstreamError("the AI server sent text that cannot be stored (lone surrogate)")
+        self._size += len(piece.encode("utf-8"))
+        if self._size > self._limit:
+            raise UpstreamError(f"the AI server's reply is over the limit of {self._limit} bytes")
+        if not self.sent and not piece.strip() and not any(p.strip() for p in self._held):
+            self._held.append(piece)
+            return
+        self._held.append(piece)
+        for held in self._held:
+            self._events.delta(held)
+            self.sent.append(held)
+        self._held.clear()
+
+    def discard(self) -> None:
+        """Forget a blank attempt's pieces (none was sent)."""
+        self._held.clear()
+        self._size = 0
+
+    def finish(self, text: str) -> str | None:
+        """Send what the adapter returned beyond the pieces; the pieces' ends, if several."""
+        streamed = "".join(self.sent)
+        if not text.startswith(streamed):
+            # The adapter's text and its pieces disagree: the pieces went out,
+            # so they are what is stored.
+            text = streamed
+        rest = text[len(streamed):]
+        if rest:
+            self._events.delta(rest)
+            self.sent.append(rest)
+        if len(self.sent) < 2:
+            return None
+        ends, position = [], 0
+        for piece in self.sent:
+            position += len(piece)
+            ends.append(str(position))
+        return ",".join(ends)
+
+    @property
+    def text(self) -> str:
+        return "".join(self.sent)
 
 
 class Conversations:
@@ -101,19 +203,32 @@ class Conversations:
         self._metrics = metrics
         self.locks = SessionLocks(settings.session_queue)
         self.inflight = 0
-        # Idempotency keys being answered right now, with their fingerprints:
-        # a duplicate must be turned away before it queues on the session lock.
-        self._running_keys: dict[tuple[int, str], str] = {}
+        # Idempotency keys being answered right now, with their fingerprints
+        # and turns: a duplicate is turned away (or follows) before it queues.
+        self._running_keys: dict[tuple[int, str], tuple[str, asyncio.Future[Turn]]] = {}
+        # Turns running now, by their question's id, for followers.
+        self._running: dict[str, Turn] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
         # The session rows of recently active conversations, so a turn needs no
         # database read to learn its AI session. Only turns change a session's
-        # AI session id, one at a time under the session's lock, so a row read
+        # adapter state, one at a time under the session's lock, so a row read
         # under that lock stays right (single bridge per database); a session
         # deleted meanwhile is caught when the turn stores its question.
         self._contexts: OrderedDict[str, ChatSession] = OrderedDict()
 
+    # -- the session row cache ---------------------------------------------------------
+
     def forget(self, session_id: str) -> None:
         """Drop a deleted session's cached row."""
         self._contexts.pop(session_id, None)
+
+    async def deleted(self, session: ChatSession) -> None:
+        """A session was deleted: forget its row, and let the adapter drop what it keeps."""
+        self.forget(session.id)
+        try:
+            await self._ai.forget(session)
+        except Exception as exc:  # cleaning up must not fail the delete
+            log.warning("event=forget_failed session=%s error=%s", session.id, exc)
 
     def _remember(self, session: ChatSession) -> None:
         self._contexts[session.id] = session
@@ -132,12 +247,24 @@ class Conversations:
         self._remember(session)
         return session
 
+    # -- lifetime ------------------------------------------------------------------------
+
     async def wait_idle(self, timeout: float) -> bool:
         """Wait until no turn runs or waits, at most ``timeout`` seconds; say whether it did."""
         deadline = time.monotonic() + timeout
-        while len(self.locks) and time.monotonic() < deadline:
+        while (len(self.locks) or self._tasks) and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
-        return not len(self.locks)
+        return not (len(self.locks) or self._tasks)
+
+    async def stop(self) -> None:
+        """Cut off the turns still running (shutdown); each records its failure, ends its events."""
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    # -- starting and following turns ----------------------------------------------------
 
     async def send(
         self,
@@ -147,35 +274,125 @@ class Conversations:
         max_tokens: int | None,
         idempotency_key: str | None = None,
     ) -> TurnResult:
-        if idempotency_key is None:
-            return await self._turn(key, session_id, content, max_tokens, None, None)
+        """Answer one message and return the outcome (a failure raises its error)."""
+        turn = await self.begin(key, session_id, content, max_tokens, idempotency_key)
+        # Shielded: a client that goes away does not stop the turn.
+        return await asyncio.shield(turn.outcome)
 
+    async def begin(
+        self,
+        key: ApiKey,
+        session_id: str,
+        content: str,
+        max_tokens: int | None,
+        idempotency_key: str | None = None,
+        *,
+        follow_running: bool = False,
+    ) -> Turn:
+        """Start a turn and return it once its question is stored.
+
+        Whatever refuses the message before its question is stored raises
+        here. ``follow_running``: an idempotent retry of a turn still running
+        follows it instead of being refused (streaming clients).
+        """
+        if idempotency_key is None:
+            return await self._start(key, session_id, content, max_tokens, None, None)
         fingerprint = request_fingerprint(session_id, content, max_tokens)
         slot = (key.id, idempotency_key)
         running = self._running_keys.get(slot)
         if running is not None:
-            if running != fingerprint:
+            if running[0] != fingerprint:
                 raise IdempotencyMismatch("this Idempotency-Key was used with another body")
-            raise IdempotencyInProgress("the request with this Idempotency-Key is still running")
-        self._running_keys[slot] = fingerprint
-        try:
-            record = await self._store.get_idempotency(key.id, idempotency_key)
-            retry_message_pk = None
-            if record is not None:
-                if record.fingerprint != fingerprint:
-                    raise IdempotencyMismatch("this Idempotency-Key was used with another body")
-                if record.state == "succeeded":
-                    return await self._replay(key, session_id, record)
-                # A failed attempt is tried again on the same question row.
-                retry_message_pk = record.user_message_pk
-            idempotency = IdempotencyStart(key.id, idempotency_key, fingerprint, time.time())
-            return await self._turn(
-                key, session_id, content, max_tokens, idempotency, retry_message_pk
-            )
-        finally:
-            del self._running_keys[slot]
+            if not follow_running:
+                raise IdempotencyInProgress(
+                    "the request with this Idempotency-Key is still running"
+                )
+            return await asyncio.shield(running[1])
+        # Taken before the first await, so a duplicate arriving meanwhile sees it.
+        starting: asyncio.Future[Turn] = asyncio.get_running_loop().create_future()
+        starting.add_done_callback(_consume)
+        self._running_keys[slot] = (fingerprint, starting)
 
-    async def _replay(self, key: ApiKey, session_id: str, record: IdempotencyRecord) -> TurnResult:
+        def release(_: object = None) -> None:
+            if self._running_keys.get(slot, (None, None))[1] is starting:
+                del self._running_keys[slot]
+
+        try:
+            turn = await self._begin_idempotent(
+                key, session_id, content, max_tokens, idempotency_key, fingerprint,
+                follow_running,
+            )
+        except BaseException as exc:
+            release()
+            starting.set_exception(exc if isinstance(exc, Exception) else NotFound("cancelled"))
+            raise
+        starting.set_result(turn)
+        if turn.outcome.done():
+            release()
+        else:
+            turn.outcome.add_done_callback(release)
+        return turn
+
+    async def _begin_idempotent(
+        self,
+        key: ApiKey,
+        session_id: str,
+        content: str,
+        max_tokens: int | None,
+        idempotency_key: str,
+        fingerprint: str,
+        follow_running: bool,
+    ) -> Turn:
+        record = await self._store.get_idempotency(key.id, idempotency_key)
+        retry_message_pk = None
+        if record is not None:
+            if record.fingerprint != fingerprint:
+                raise IdempotencyMismatch("this Idempotency-Key was used with another body")
+            if record.state == "succeeded":
+                return await self._replay(key, session_id, record)
+            if record.state == "in_progress" and not follow_running:
+                # Being answered by another process on this database.
+                raise IdempotencyInProgress(
+                    "the request with this Idempotency-Key is still running"
+                )
+            # A failed attempt is tried again on the same question row.
+            retry_message_pk = record.user_message_pk
+        idempotency = IdempotencyStart(key.id, idempotency_key, fingerprint, time.time())
+        return await self._start(
+            key, session_id, content, max_tokens, idempotency, retry_message_pk
+        )
+
+    async def follow(self, key: ApiKey, session_id: str, message_id: str) -> TurnEvents:
+        """The events of the turn of question ``message_id``: live while it runs, else stored."""
+        session = await self._store.get_session(key.id, session_id)
+        if session is None:
+            raise NotFound("no such session")
+        turn = self._running.get(message_id)
+        if turn is not None and turn.question is not None and turn.question.id == message_id:
+            return turn.events
+        while True:
+            question = await self._store.get_message_by_id(session.pk, message_id)
+            if question is None or question.role != "user":
+                raise NotFound("no such message")
+            if question.status != "pending":
+                return await self._stored_turn(session, question)
+            turn = self._running.get(message_id)
+            if turn is not None:
+                return turn.events
+            # Pending, but not running here: answered elsewhere, or just ending.
+            await asyncio.sleep(PENDING_POLL)
+
+    async def _stored_turn(self, session: ChatSession, question: Message) -> TurnEvents:
+        answer = None
+        if question.status == "answered":
+            answer = await self._store.answer_to(session.pk, question.seq)
+        if answer is None or answer.ai_session is None:
+            error = error_from_code(question.error_code, "this turn failed")
+            return stored_events(question, None, None, error)
+        result = TurnResult(question, answer, answer.ai_session)
+        return stored_events(question, answer, result.public(), UpstreamError(""))
+
+    async def _replay(self, key: ApiKey, session_id: str, record: IdempotencyRecord) -> Turn:
         """The first outcome again, rebuilt from the stored question and its answer."""
         session = await self._store.get_session(key.id, session_id)
         if session is None or record.user_message_pk is None:
@@ -185,9 +402,13 @@ class Conversations:
         kind = record.ai_session
         if question is None or answer is None or kind not in ("created", "reused", "recovered"):
             raise NotFound("the outcome of this Idempotency-Key is no longer stored")
-        return TurnResult(question, answer, kind)  # type: ignore[arg-type]
+        result = TurnResult(question, answer, kind)  # type: ignore[arg-type]
+        outcome: asyncio.Future[TurnResult] = asyncio.get_running_loop().create_future()
+        outcome.set_result(result)
+        events = stored_events(question, answer, result.public(), UpstreamError(""))
+        return Turn(events, outcome, question)
 
-    async def _turn(
+    async def _start(
         self,
         key: ApiKey,
         session_id: str,
@@ -195,26 +416,76 @@ class Conversations:
         max_tokens: int | None,
         idempotency: IdempotencyStart | None,
         retry_message_pk: int | None,
-    ) -> TurnResult:
-        async with self.locks.hold(session_id):
-            # Read under the lock: the turn before may have created the AI session.
-            session = await self._context(key, session_id)
-            if self.inflight >= self._settings.max_inflight:
-                raise Overloaded(f"{self.inflight} turns are already in flight")
-            self.inflight += 1
-            try:
-                return await self._run(session, content, max_tokens, idempotency, retry_message_pk)
-            finally:
-                self.inflight -= 1
+    ) -> Turn:
+        loop = asyncio.get_running_loop()
+        turn = Turn(TurnEvents(), loop.create_future())
+        turn.outcome.add_done_callback(_consume)
+        stored: asyncio.Future[Message] = loop.create_future()
+        stored.add_done_callback(_consume)
+        task = asyncio.create_task(
+            self._run_turn(
+                key, session_id, content, max_tokens, idempotency, retry_message_pk, turn, stored
+            ),
+            name=f"turn-{session_id}",
+        )
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        # Waiting for the question to be stored is what the client waits on;
+        # leaving it (a client gone) leaves the turn running.
+        await asyncio.shield(stored)
+        return turn
 
-    async def _run(
+    # -- one turn --------------------------------------------------------------------
+
+    async def _run_turn(
+        self,
+        key: ApiKey,
+        session_id: str,
+        content: str,
+        max_tokens: int | None,
+        idempotency: IdempotencyStart | None,
+        retry_message_pk: int | None,
+        turn: Turn,
+        stored: asyncio.Future[Message],
+    ) -> None:
+        try:
+            async with self.locks.hold(session_id):
+                # Read under the lock: the turn before may have changed the AI session.
+                session = await self._context(key, session_id)
+                if self.inflight >= self._settings.max_inflight:
+                    raise Overloaded(f"{self.inflight} turns are already in flight")
+                self.inflight += 1
+                try:
+                    await self._answer(
+                        session, content, max_tokens, idempotency, retry_message_pk, turn, stored
+                    )
+                finally:
+                    self.inflight -= 1
+        except BaseException as exc:
+            # Refused before the question was stored: the client's own answer.
+            if not stored.done():
+                stored.set_exception(exc if isinstance(exc, Exception) else UpstreamUnavailable(
+                    "the bridge is shutting down"
+                ))
+            if not turn.outcome.done():
+                turn.outcome.set_exception(
+                    exc if isinstance(exc, Exception) else UpstreamUnavailable("cut off")
+                )
+            if not isinstance(exc, Exception):
+                raise
+
+    async def _answer(
         self,
         session: ChatSession,
         content: str,
         max_tokens: int | None,
         idempotency: IdempotencyStart | None,
         retry_message_pk: int | None,
-    ) -> TurnResult:
+        turn: Turn,
+        stored: asyncio.Future[Message],
+    ) -> None:
+        tokens = self._tokens(session, max_tokens)
+        await self._ai.check_fits(session, content, tokens)
         try:
             question = await self._store.begin_turn(
                 session.pk, content, retry_message_pk=retry_message_pk, idempotency=idempotency
@@ -222,38 +493,67 @@ class Conversations:
         except SessionGone:
             self.forget(session.id)
             raise NotFound("no such session") from None
+        turn.question = question
+        self._running[question.id] = turn
         try:
-            reply, kind = await self._exchange(session, content, self._tokens(session, max_tokens))
-        except BaseException as exc:
-            # Shielded: a turn cancelled by shutdown still records its failure.
-            await asyncio.shield(self._store.fail_turn(session.pk, question.pk, idempotency))
-            outcome = exc.code if isinstance(exc, BridgeError) else type(exc).__name__
-            self._metrics.count_turn(outcome)
-            log.info("event=turn_failed session=%s outcome=%s", session.id, outcome)
-            raise
+            turn.events.started(question)
+            stored.set_result(question)
+            await self._complete(session, question, content, tokens, idempotency, turn)
+        finally:
+            del self._running[question.id]
+
+    async def _complete(
+        self,
+        session: ChatSession,
+        question: Message,
+        content: str,
+        tokens: int,
+        idempotency: IdempotencyStart | None,
+        turn: Turn,
+    ) -> None:
+        """Everything after the question is stored: the exchange, then the answer or the failure."""
+        gate = _ReplyGate(turn.events, self._settings.max_reply_bytes)
         try:
+            reply, piece_ends = await self._exchange(session, content, tokens, gate)
             answer = await self._store.finish_turn(
-                session.pk, question.pk, reply, kind, idempotency
+                session.pk, question.pk, reply.text, reply.kind, idempotency,
+                usage=reply.usage, piece_ends=piece_ends,
             )
-        except SessionGone:
+        except BaseException as exc:
+            error = self._failure(exc, session)
+            # Shielded: a turn cancelled by shutdown still records its failure.
+            with contextlib.suppress(Exception):
+                await asyncio.shield(
+                    self._store.fail_turn(session.pk, question.pk, idempotency, error.code)
+                )
+            self._metrics.count_turn(error.code)
+            log.info("event=turn_failed session=%s outcome=%s", session.id, error.code)
+            turn.events.failed(error)
+            turn.outcome.set_exception(error)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        self._metrics.count_turn("answered")
+        self._metrics.count_ai_session(reply.kind)
+        if reply.usage is not None:
+            self._metrics.count_prompt_tokens(reply.usage)
+        answered = dataclasses.replace(question, status="answered")
+        result = TurnResult(answered, answer, reply.kind)
+        turn.events.completed(result.public())
+        turn.outcome.set_result(result)
+
+    def _failure(self, exc: BaseException, session: ChatSession) -> BridgeError:
+        """The contract error a failed turn reports."""
+        if isinstance(exc, SessionGone):
             # Deleted while the AI server was answering: nothing is left to store into.
             self.forget(session.id)
-            self._metrics.count_turn("not_found")
-            raise NotFound("the session was deleted during the turn") from None
-        except Exception:
-            # The answer could not be stored (disk full, I/O error): the question
-            # must not stay pending until the next start.
-            log.exception("event=answer_not_stored session=%s", session.id)
-            with contextlib.suppress(Exception):
-                await asyncio.shield(self._store.fail_turn(session.pk, question.pk, idempotency))
-            raise
-        self._metrics.count_turn("answered")
-        return TurnResult(
-            Message(question.pk, question.id, question.seq, "user", question.content,
-                    "answered", question.created_at),
-            answer,
-            kind,
-        )
+            return NotFound("the session was deleted during the turn")
+        if isinstance(exc, BridgeError):
+            return exc
+        if isinstance(exc, asyncio.CancelledError):
+            return UpstreamUnavailable("the turn was cut off by the bridge shutting down")
+        log.error("event=turn_error session=%s error=%s", session.id, type(exc).__name__)
+        return UpstreamError(f"the turn failed: {type(exc).__name__}")
 
     def _tokens(self, session: ChatSession, requested: int | None) -> int:
         # A session keeps the max_tokens it was created with; if the operator
@@ -263,76 +563,22 @@ class Conversations:
         return self._settings.upstream_max_tokens.clamp(wanted)
 
     async def _exchange(
-        self, session: ChatSession, content: str, max_tokens: int
-    ) -> tuple[str, AISessionKind]:
-        kind: AISessionKind = "reused"
-        ai_session_id = session.ai_session_id
-        if ai_session_id is None:
-            kind = "created"
-            ai_session_id = await self._create_ai_session(session, session.scenario, kind)
-        else:
-            self._metrics.count_ai_session(kind)
-        try:
-            return await self._chat(session, ai_session_id, content, max_tokens, kind), kind
-        except SessionLost:
-            if kind == "created":
-                raise UpstreamError("the AI server lost a session it had just created") from None
-        # The AI server restarted or evicted the session: one new session that
-        # carries the scenario and the recent transcript, then the message.
-        kind = "recovered"
-        transcript = await self._store.recent_turns(session.pk, self._settings.recovery_budget)
-        scenario = recovery_scenario(session.scenario, transcript)
-        ai_session_id = await self._create_ai_session(session, scenario, kind)
-        try:
-            return await self._chat(session, ai_session_id, content, max_tokens, kind), kind
-        except SessionLost:
-            raise UpstreamError("the AI server lost a session it had just recovered") from None
-
-    async def _create_ai_session(
-        self, session: ChatSession, scenario: str, kind: AISessionKind
-    ) -> str:
-        ai_session_id = await self._logged(
-            self._ai.create_session(scenario), self._ai.create_endpoint, session, kind
-        )
-        # Stored at once: even if the first /chat fails, the next message reuses it.
-        await self._store.set_ai_session(session.pk, ai_session_id)
-        self._remember(dataclasses.replace(session, ai_session_id=ai_session_id))
-        self._metrics.count_ai_session(kind)
-        return ai_session_id
-
-    async def _chat(
-        self,
-        session: ChatSession,
-        ai_session_id: str,
-        content: str,
-        max_tokens: int,
-        kind: AISessionKind,
-    ) -> str:
+        self, session: ChatSession, content: str, max_tokens: int, gate: _ReplyGate
+    ) -> tuple[Reply, str | None]:
+        """Ask the AI server, again after an empty reply; the reply and its pieces' ends."""
         attempts = 1 + self._settings.empty_reply_retries
+        kind: AISessionKind | None = None
+        context = _TurnContext(self, session, content, max_tokens)
         for attempt in range(1, attempts + 1):
-            reply = await self._logged(
-                self._ai.chat(ai_session_id, content, max_tokens), "chat", session, kind
-            )
-            if reply.strip():
-                return reply
+            reply = await self._ai.exchange(context, gate.push)
+            if kind is None or _KIND_RANK[reply.kind] > _KIND_RANK[kind]:
+                kind = reply.kind
+            if reply.text.strip():
+                piece_ends = gate.finish(reply.text)
+                return dataclasses.replace(reply, text=gate.text, kind=kind), piece_ends
+            gate.discard()
             self._metrics.empty_replies.inc()
             log.warning(
                 "event=empty_reply session=%s attempt=%d of=%d", session.id, attempt, attempts
             )
         raise UpstreamEmptyReply(f"the AI server answered an empty reply {attempts} times")
-
-    async def _logged(
-        self, call: Awaitable[T], endpoint: str, session: ChatSession, kind: AISessionKind
-    ) -> T:
-        started = time.monotonic()
-        outcome = "ok"
-        try:
-            return await call
-        except BridgeError as exc:
-            outcome = "session_lost" if isinstance(exc, SessionLost) else exc.code
-            raise
-        finally:
-            log.info(
-                "event=upstream_call endpoint=%s session=%s ai_session=%s outcome=%s ms=%.1f",
-                endpoint, session.id, kind, outcome, (time.monotonic() - started) * 1000,
-            )

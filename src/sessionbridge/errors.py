@@ -160,7 +160,8 @@ class SessionLost(UpstreamFailure):
     status, code, title = 502, "upstream_error", "The AI server lost the session"
 
 
-def problem_response(error: BridgeError) -> web.Response:
+def problem_body(error: BridgeError) -> dict[str, Any]:
+    """The RFC 9457 problem object of ``error`` (also the data of a ``turn.failed`` event)."""
     body: dict[str, Any] = {
         "type": f"https://sessionbridge.dev/problems/{error.code}",
         "title": error.title,
@@ -169,6 +170,11 @@ def problem_response(error: BridgeError) -> web.Response:
         "code": error.code,
     }
     body.update(error.extra())
+    return body
+
+
+def problem_response(error: BridgeError) -> web.Response:
+    body = problem_body(error)
     return json_response(
         body, status=error.status, headers=error.headers(), content_type=PROBLEM_CONTENT_TYPE
     )
@@ -206,3 +212,14 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
         # Never a traceback to the client; the log keeps it for the operator.
         log.exception("event=unhandled_error method=%s path=%s", request.method, request.path)
         return problem_response(BridgeError("the bridge failed unexpectedly"))
+
+
+def error_from_code(code: str | None, detail: str) -> BridgeError:
+    """An error of the class that has ``code`` (a stored turn's failure, told again)."""
+    pending: list[type[BridgeError]] = [BridgeError]
+    while pending:
+        cls = pending.pop()
+        if cls.code == code and cls is not SessionLost:
+            return cls(detail) if cls is not InvalidField else InvalidField([])
+        pending.extend(cls.__subclasses__())
+    return UpstreamError(detail)

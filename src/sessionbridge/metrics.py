@@ -6,6 +6,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
+from .records import Usage
+
 # Client requests take milliseconds without the AI server and up to minutes with it.
 _LATENCY_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120
@@ -20,7 +22,7 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         self.ai_sessions = Counter(
             "sessionbridge_ai_sessions",
-            "AI sessions used by turns, by how they were obtained.",
+            "Answered turns, by how they got their AI session.",
             ["kind"],
             registry=self.registry,
         )
@@ -62,6 +64,21 @@ class Metrics:
             registry=self.registry,
         )
 
+        self.prompt_tokens = Counter(
+            "sessionbridge_prompt_tokens",
+            "Prompt tokens of answered turns, by whether the AI server's cache held them.",
+            ["source"],
+            registry=self.registry,
+        )
+        for source in ("cached", "computed"):
+            self.prompt_tokens.labels(source)
+        self.slot_actions = Counter(
+            "sessionbridge_slot_actions",
+            "llama.cpp slot files saved and restored, by outcome.",
+            ["action", "outcome"],
+            registry=self.registry,
+        )
+
         # labels() takes a lock and builds a key on every call; the hot
         # children are looked up once and kept here.
         self._children: dict[tuple[str, ...], Any] = {}
@@ -81,6 +98,15 @@ class Metrics:
 
     def count_turn(self, outcome: str) -> None:
         self._child(self.turns, outcome).inc()
+
+    def count_prompt_tokens(self, usage: Usage) -> None:
+        self._child(self.prompt_tokens, "cached").inc(usage.cached_tokens)
+        self._child(self.prompt_tokens, "computed").inc(
+            max(usage.prompt_tokens - usage.cached_tokens, 0)
+        )
+
+    def count_slot_action(self, action: str, outcome: str) -> None:
+        self._child(self.slot_actions, action, outcome).inc()
 
     def count_ai_session(self, kind: str) -> None:
         self._child(self.ai_sessions, kind).inc()

@@ -24,6 +24,19 @@ def utc_now() -> str:
     return f"{_utc_second(second)}.{ms:03d}Z"
 
 
+def is_storable(text: str) -> bool:
+    """Whether ``text`` can be stored and sent as UTF-8: no lone surrogates.
+
+    They come from a JSON ``\\ud800`` escape, or from header bytes that are not
+    UTF-8 (aiohttp decodes headers with surrogateescape).
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 @dataclass(frozen=True, slots=True)
 class ApiKey:
     id: int
@@ -59,6 +72,25 @@ class ChatSession:
 
 
 @dataclass(frozen=True, slots=True)
+class Usage:
+    """Token counts of one turn as the AI server reported them (OpenAI's meaning).
+
+    ``prompt_tokens`` is the whole prompt, its cached part included.
+    """
+
+    prompt_tokens: int
+    cached_tokens: int
+    completion_tokens: int
+
+    def public(self) -> dict[str, int]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "cached_tokens": self.cached_tokens,
+            "completion_tokens": self.completion_tokens,
+        }
+
+
+@dataclass(frozen=True, slots=True)
 class Message:
     pk: int
     id: str
@@ -67,9 +99,17 @@ class Message:
     content: str
     status: MessageStatus
     created_at: str
+    # An answer: how its turn got its AI session, and the AI server's usage.
+    ai_session: AISessionKind | None = None
+    usage: Usage | None = None
+    # A failed question: the error code its turn ended with.
+    error_code: str | None = None
+    # A streamed answer: where each piece ended, in characters ("5,12,20"), so
+    # a stream resumed after the turn ended gets exactly the pieces it missed.
+    piece_ends: str | None = None
 
     def public(self) -> dict[str, Any]:
-        return {
+        body: dict[str, Any] = {
             "id": self.id,
             "seq": self.seq,
             "role": self.role,
@@ -77,6 +117,13 @@ class Message:
             "status": self.status,
             "created_at": self.created_at,
         }
+        if self.ai_session is not None:
+            body["ai_session"] = self.ai_session
+        if self.usage is not None:
+            body["usage"] = self.usage.public()
+        if self.error_code is not None:
+            body["error"] = self.error_code
+        return body
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,3 +148,13 @@ class IdempotencyStart:
 class TranscriptTurn:
     user: str
     assistant: str
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryTurn:
+    """One answered turn as stored: the question's seq, both texts, the answer's usage."""
+
+    seq: int
+    user: str
+    assistant: str
+    usage: Usage | None = None

@@ -8,10 +8,12 @@ from ..records import (
     AISessionKind,
     ApiKey,
     ChatSession,
+    HistoryTurn,
     IdempotencyRecord,
     IdempotencyStart,
     Message,
     TranscriptTurn,
+    Usage,
 )
 
 
@@ -47,8 +49,10 @@ class Store(Protocol):
         self, session_pk: int, limit: int, after_seq: int | None
     ) -> list[Message]: ...
     async def get_message(self, session_pk: int, message_pk: int) -> Message | None: ...
+    async def get_message_by_id(self, session_pk: int, message_id: str) -> Message | None: ...
     async def answer_to(self, session_pk: int, user_seq: int) -> Message | None: ...
     async def recent_turns(self, session_pk: int, budget_chars: int) -> list[TranscriptTurn]: ...
+    async def history(self, session_pk: int, from_seq: int = 0) -> list[HistoryTurn]: ...
 
     async def begin_turn(
         self,
@@ -66,12 +70,15 @@ class Store(Protocol):
         reply: str,
         kind: AISessionKind,
         idempotency: IdempotencyStart | None = None,
+        usage: Usage | None = None,
+        piece_ends: str | None = None,
     ) -> Message: ...
     async def fail_turn(
         self,
         session_pk: int,
         user_message_pk: int,
         idempotency: IdempotencyStart | None = None,
+        error_code: str | None = None,
     ) -> None: ...
 
     async def get_idempotency(self, api_key_id: int, key: str) -> IdempotencyRecord | None: ...

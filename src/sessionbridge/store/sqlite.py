@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import sqlite3
@@ -26,12 +27,14 @@ from ..records import (
     AISessionKind,
     ApiKey,
     ChatSession,
+    HistoryTurn,
     IdempotencyRecord,
     IdempotencyStart,
     Message,
     MessageStatus,
     Role,
     TranscriptTurn,
+    Usage,
     utc_now,
 )
 from .base import DuplicateKeyName, SessionGone
@@ -45,15 +48,29 @@ _SESSION_COLUMNS = (
     "pk, id, api_key_id, title, scenario, max_tokens, ai_session_id,"
     " message_count, created_at, updated_at"
 )
-_MESSAGE_COLUMNS = "pk, id, seq, role, content, status, created_at"
+_MESSAGE_COLUMNS = (
+    "pk, id, seq, role, content, status, created_at, ai_session,"
+    " prompt_tokens, cached_tokens, completion_tokens, error_code, piece_ends"
+)
 
 
 def _session(row: sqlite3.Row | tuple[Any, ...]) -> ChatSession:
     return ChatSession(*row)
 
 
+def _usage(prompt: int | None, cached: int | None, completion: int | None) -> Usage | None:
+    if prompt is None or completion is None:
+        return None
+    return Usage(prompt, cached or 0, completion)
+
+
 def _message(row: sqlite3.Row | tuple[Any, ...]) -> Message:
-    return Message(*row)
+    pk, id_, seq, role, content, status, created_at, kind, prompt, cached, completion, \
+        error_code, piece_ends = row
+    return Message(
+        pk, id_, seq, role, content, status, created_at, kind,
+        _usage(prompt, cached, completion), error_code, piece_ends,
+    )
 
 
 def time_ordered_id() -> str:
@@ -337,6 +354,13 @@ class SqliteStore:
         )
         return None if row is None else _message(row)
 
+    async def get_message_by_id(self, session_pk: int, message_id: str) -> Message | None:
+        row = await self._fetchone(
+            f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE session_pk = ? AND id = ?",
+            (session_pk, message_id),
+        )
+        return None if row is None else _message(row)
+
     async def answer_to(self, session_pk: int, user_seq: int) -> Message | None:
         row = await self._fetchone(
             f"SELECT {_MESSAGE_COLUMNS} FROM messages"
@@ -371,35 +395,68 @@ class SqliteStore:
         turns.reverse()
         return turns
 
+    async def history(self, session_pk: int, from_seq: int = 0) -> list[HistoryTurn]:
+        """The answered turns whose question is at ``from_seq`` or later, oldest first."""
+        rows = await self._reader.execute_fetchall(
+            "SELECT q.seq, q.content, a.content, a.prompt_tokens, a.cached_tokens,"
+            " a.completion_tokens FROM messages AS q"
+            " JOIN messages AS a ON a.session_pk = q.session_pk AND a.seq = q.seq + 1"
+            " WHERE q.session_pk = ? AND q.seq >= ? AND q.role = 'user'"
+            " AND q.status = 'answered' AND a.role = 'assistant' ORDER BY q.seq",
+            (session_pk, from_seq),
+        )
+        return [
+            HistoryTurn(seq, user, assistant, _usage(prompt, cached, completion))
+            for seq, user, assistant, prompt, cached, completion in rows
+        ]
+
     # -- turns ----------------------------------------------------------------------
     #
     # A question and its answer are one statement each: triggers (migration
     # 0002) advance the session's counters and mark the question answered.
 
     _INSERT_MESSAGE = (
-        "INSERT INTO messages (id, session_pk, seq, role, content, status, created_at)"
-        " SELECT ?, pk, last_seq + 1, ?, ?, ?, ? FROM chat_sessions WHERE pk = ?"
+        "INSERT INTO messages (id, session_pk, seq, role, content, status, created_at,"
+        " ai_session, prompt_tokens, cached_tokens, completion_tokens, piece_ends)"
+        " SELECT ?, pk, last_seq + 1, ?, ?, ?, ?, ?, ?, ?, ?, ? FROM chat_sessions WHERE pk = ?"
         " RETURNING pk, seq"
     )
 
     @classmethod
     def _insert_message(cls, db: sqlite3.Connection, session_pk: int, draft: Message) -> Message:
         """Store ``draft`` (its pk and seq are placeholders) as the session's next message."""
+        usage = draft.usage
         row = db.execute(
             cls._INSERT_MESSAGE,
-            (draft.id, draft.role, draft.content, draft.status, draft.created_at, session_pk),
+            (
+                draft.id, draft.role, draft.content, draft.status, draft.created_at,
+                draft.ai_session,
+                None if usage is None else usage.prompt_tokens,
+                None if usage is None else usage.cached_tokens,
+                None if usage is None else usage.completion_tokens,
+                draft.piece_ends,
+                session_pk,
+            ),
         ).fetchone()
         if row is None:
             raise SessionGone(f"chat session {session_pk} is gone")
         pk, seq = row
-        return Message(
-            pk, draft.id, seq, draft.role, draft.content, draft.status, draft.created_at
-        )
+        return dataclasses.replace(draft, pk=pk, seq=seq)
 
     @staticmethod
-    def _draft(role: Role, content: str, status: MessageStatus) -> Message:
+    def _draft(
+        role: Role,
+        content: str,
+        status: MessageStatus,
+        kind: AISessionKind | None = None,
+        usage: Usage | None = None,
+        piece_ends: str | None = None,
+    ) -> Message:
         # Made on the event loop: the writer thread only runs SQL.
-        return Message(0, time_ordered_id(), 0, role, content, status, utc_now())
+        return Message(
+            0, time_ordered_id(), 0, role, content, status, utc_now(), kind, usage,
+            None, piece_ends,
+        )
 
     @staticmethod
     def _record_idempotency(
@@ -426,7 +483,7 @@ class SqliteStore:
         # conversation when other messages came after it, so that its answer
         # is stored right after it (a question and its answer are consecutive).
         row = db.execute(
-            "UPDATE messages SET status = 'pending', seq = CASE"
+            "UPDATE messages SET status = 'pending', error_code = NULL, seq = CASE"
             " WHEN seq = (SELECT last_seq FROM chat_sessions WHERE pk = ?) THEN seq"
             " ELSE (SELECT last_seq + 1 FROM chat_sessions WHERE pk = ?) END"
             f" WHERE pk = ? AND session_pk = ? RETURNING {_MESSAGE_COLUMNS}",
@@ -496,10 +553,12 @@ class SqliteStore:
         reply: str,
         kind: AISessionKind,
         idempotency: IdempotencyStart | None = None,
+        usage: Usage | None = None,
+        piece_ends: str | None = None,
     ) -> Message:
         """Store the answer; the insert marks its question answered in the same commit."""
 
-        draft = self._draft("assistant", reply, "answered")
+        draft = self._draft("assistant", reply, "answered", kind, usage, piece_ends)
 
         def write(db: sqlite3.Connection) -> Message:
             answer = self._insert_message(db, session_pk, draft)
@@ -518,11 +577,13 @@ class SqliteStore:
         session_pk: int,
         user_message_pk: int,
         idempotency: IdempotencyStart | None = None,
+        error_code: str | None = None,
     ) -> None:
         def write(db: sqlite3.Connection) -> None:
             db.execute(
-                "UPDATE messages SET status = 'failed' WHERE pk = ? AND status = 'pending'",
-                (user_message_pk,),
+                "UPDATE messages SET status = 'failed', error_code = ?"
+                " WHERE pk = ? AND status = 'pending'",
+                (error_code, user_message_pk),
             )
             if idempotency is not None:
                 db.execute(

@@ -1,4 +1,10 @@
-"""The AI-server client: the session protocol of both generations, behind a small interface.
+"""The seed protocol (contract §2): an AI server that keeps conversations in sessions of its own.
+
+Both generations speak it: ``scenario`` (``POST /scenario``, the id arrives in
+a cookie) and ``init-session`` (the bridge names the session). A conversation
+maps to one AI session for its whole life: created on its first turn, reused
+after, and recovered, once, with the recent transcript when the AI server has
+lost it (a restart keeps nothing).
 
 The AI session travels in a ``session_id`` cookie. A shared cookie jar would
 hand one conversation's AI session to another, so the client session keeps no
@@ -9,60 +15,37 @@ the call that creates a session (that would reset the named session).
 from __future__ import annotations
 
 import logging
+import re
 import time
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, Protocol
+from http.cookies import CookieError, SimpleCookie
+from typing import Any
 
 import aiohttp
 
 from .. import jsoncodec
-from ..errors import (
-    SessionLost,
-    UpstreamError,
-    UpstreamFailure,
-    UpstreamTimeout,
-    UpstreamUnavailable,
+from ..errors import SessionLost, UpstreamError
+from ..records import AISessionKind, ChatSession, TranscriptTurn
+from .base import (
+    SMALL_BODY,
+    CallObserver,
+    DeltaSink,
+    HealthReport,
+    Reply,
+    TurnContext,
+    no_observer,
+    observed,
+    read_limited,
+    refuse_redirect,
 )
 
 log = logging.getLogger(__name__)
 
 SESSION_COOKIE = "session_id"
 
-
-class AIServer(Protocol):
-    """What a conversation needs from an AI server that keeps its own sessions."""
-
-    # Monotonic time of the last successful call, or None: readiness uses it.
-    last_success: float | None
-    # The endpoint that creates a session, for log lines.
-    create_endpoint: str
-
-    async def create_session(self, scenario: str) -> str:
-        """Create an AI session holding ``scenario``; return its id."""
-        ...
-
-    async def chat(self, ai_session_id: str, message: str, max_tokens: int) -> str:
-        """One turn on an existing AI session; raises SessionLost when it is gone."""
-        ...
-
-    async def health(self, timeout: float) -> HealthReport: ...
-
-
-@dataclass(frozen=True, slots=True)
-class HealthReport:
-    healthy: bool
-    reason: str
-    timed_out: bool = False
-
-
-# Observes each AI-server call: endpoint, outcome, seconds taken.
-CallObserver = Callable[[str, str, float], None]
-
-
-def _no_observer(endpoint: str, outcome: str, seconds: float) -> None:
-    return None
+# A cookie value sent back must be a plain token (RFC 6265 cookie-octets, no
+# quotes): an unquoted '"<id>; admin=1"' would become two cookies.
+_PLAIN_TOKEN = re.compile(r"[!#-+\--:<-\[\]-~]{1,512}")
 
 
 def is_session_lost(status: int, detail: object) -> bool:
@@ -76,8 +59,49 @@ def is_session_lost(status: int, detail: object) -> bool:
     return status == 500 and isinstance(detail, str) and "Session not found" in detail
 
 
+def recovery_scenario(scenario: str, transcript: list[TranscriptTurn]) -> str:
+    """The scenario of a recovered AI session: the original one, then the recent turns."""
+    if not transcript:
+        return scenario
+    lines = [scenario, "", "The conversation so far (oldest first):"]
+    for turn in transcript:
+        lines.append(f"User: {turn.user}")
+        lines.append(f"Assistant: {turn.assistant}")
+    return "\n".join(lines)
+
+
+def recent_transcript(turns: list[TranscriptTurn], budget_chars: int) -> list[TranscriptTurn]:
+    """The most recent turns, oldest first, whose text fits the budget (newest kept first)."""
+    kept: list[TranscriptTurn] = []
+    used = 0
+    for turn in reversed(turns):
+        used += len(turn.user) + len(turn.assistant)
+        if used > budget_chars:
+            break
+        kept.append(turn)
+    kept.reverse()
+    return kept
+
+
+def session_cookie(response: aiohttp.ClientResponse) -> str:
+    """The AI session id from ``Set-Cookie``, refused unless it is a plain token."""
+    for header in response.headers.getall("Set-Cookie", []):
+        jar: SimpleCookie = SimpleCookie()
+        try:
+            jar.load(header)
+        except CookieError:
+            continue
+        morsel = jar.get(SESSION_COOKIE)
+        if morsel is None:
+            continue
+        if not morsel.coded_value.isascii() or not _PLAIN_TOKEN.fullmatch(morsel.coded_value):
+            raise UpstreamError("the AI server set a session cookie that is not a plain token")
+        return morsel.coded_value
+    raise UpstreamError("the AI server set no session cookie")
+
+
 class SessionServerClient:
-    """Speaks either generation of the AI server over one shared ClientSession."""
+    """Speaks either generation of the seed protocol over the app's one ClientSession."""
 
     def __init__(
         self,
@@ -88,7 +112,9 @@ class SessionServerClient:
         user: str = "",
         password: str = "",
         timeout: float = 120.0,
-        observe: CallObserver = _no_observer,
+        recovery_budget: int = 6000,
+        max_reply_bytes: int = 256 * 1024,
+        observe: CallObserver = no_observer,
     ) -> None:
         self._http = http
         self._base = base_url.rstrip("/")
@@ -98,10 +124,57 @@ class SessionServerClient:
         if user or password:
             self._headers["Authorization"] = aiohttp.encode_basic_auth(user, password)
         self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._recovery_budget = recovery_budget
+        self._max_reply_bytes = max_reply_bytes
         self._observe = observe
         self.last_success: float | None = None  # monotonic time of the last good answer
 
-    async def create_session(self, scenario: str) -> str:
+    # -- the conversation strategy --------------------------------------------------
+
+    async def check_fits(self, session: ChatSession, content: str, max_tokens: int) -> None:
+        return None  # the AI server keeps the history; any stored message can be sent
+
+    async def forget(self, session: ChatSession) -> None:
+        return None  # the AI server's session expires on its own; nothing is kept here
+
+    async def exchange(self, turn: TurnContext, on_delta: DeltaSink | None) -> Reply:
+        session = turn.session
+        kind: AISessionKind = "reused"
+        ai_session_id = turn.state
+        if ai_session_id is None:
+            kind = "created"
+            ai_session_id = await self.create_session(session.scenario, session.id)
+            # Stored at once: even if this /chat fails, the next turn reuses it.
+            await turn.save_state(ai_session_id)
+        try:
+            text = await self.chat(ai_session_id, turn.content, turn.max_tokens, session.id)
+        except SessionLost:
+            if kind == "created":
+                raise UpstreamError("the AI server lost a session it had just created") from None
+            # The AI server restarted or evicted the session: one new session
+            # that carries the scenario and the recent transcript, then the message.
+            kind = "recovered"
+            history = await turn.history()
+            transcript = recent_transcript(
+                [TranscriptTurn(t.user, t.assistant) for t in history], self._recovery_budget
+            )
+            scenario = recovery_scenario(session.scenario, transcript)
+            ai_session_id = await self.create_session(scenario, session.id)
+            await turn.save_state(ai_session_id)
+            try:
+                text = await self.chat(ai_session_id, turn.content, turn.max_tokens, session.id)
+            except SessionLost:
+                raise UpstreamError(
+                    "the AI server lost a session it had just recovered"
+                ) from None
+        # This protocol does not stream: the reply is one piece.
+        if on_delta is not None and text:
+            await on_delta(text)
+        return Reply(text, kind)
+
+    # -- the calls ---------------------------------------------------------------------
+
+    async def create_session(self, scenario: str, session_id: str = "-") -> str:
         if self.create_endpoint == "init-session":
             # The later generation lets the caller name the session; a fresh
             # UUID can never collide with (and so reset) a live one.
@@ -109,19 +182,22 @@ class SessionServerClient:
             await self._call(
                 self.create_endpoint,
                 {"session_id": ai_session_id, "system_prompt": scenario},
+                session_id=session_id,
             )
             return ai_session_id
-        _, response = await self._call("scenario", {"scenario": scenario})
-        cookie = response.cookies.get(SESSION_COOKIE)
-        if cookie is None or not cookie.value:
+        _, cookie = await self._call("scenario", {"scenario": scenario}, session_id=session_id)
+        if cookie is None:
             raise UpstreamError("the AI server set no session cookie")
-        return cookie.value
+        return cookie
 
-    async def chat(self, ai_session_id: str, message: str, max_tokens: int) -> str:
+    async def chat(
+        self, ai_session_id: str, message: str, max_tokens: int, session_id: str = "-"
+    ) -> str:
         body, _ = await self._call(
             "chat",
             {"message": message, "max_tokens": max_tokens},
             headers={**self._headers, "Cookie": f"{SESSION_COOKIE}={ai_session_id}"},
+            session_id=session_id,
         )
         reply = body.get("response")
         if not isinstance(reply, str):
@@ -131,12 +207,14 @@ class SessionServerClient:
     async def health(self, timeout: float) -> HealthReport:
         try:
             async with self._http.get(
-                self._base + "/health", timeout=aiohttp.ClientTimeout(total=timeout)
+                self._base + "/health",
+                timeout=aiohttp.ClientTimeout(total=timeout),
+                allow_redirects=False,
             ) as response:
-                body = await response.json(content_type=None)
+                body = jsoncodec.loads(await read_limited(response, SMALL_BODY, "/health"))
         except TimeoutError:
             return HealthReport(False, "the AI server's /health did not answer in time", True)
-        except (aiohttp.ClientError, ValueError) as exc:
+        except (aiohttp.ClientError, ValueError, RecursionError, UpstreamError) as exc:
             return HealthReport(False, f"the AI server cannot be reached: {type(exc).__name__}")
         if response.status == 200 and isinstance(body, dict) and body.get("status") == "healthy":
             return HealthReport(True, "healthy")
@@ -147,50 +225,33 @@ class SessionServerClient:
         endpoint: str,
         payload: dict[str, Any],
         headers: dict[str, str] | None = None,
-    ) -> tuple[dict[str, Any], aiohttp.ClientResponse]:
-        started = time.monotonic()
-        outcome = "error"
-        try:
-            body, response = await self._post(endpoint, payload, headers or self._headers)
-            outcome = "ok"
-            self.last_success = time.monotonic()
-            return body, response
-        except UpstreamFailure as exc:
-            outcome = exc.code if not isinstance(exc, SessionLost) else "session_lost"
-            raise
-        finally:
-            self._observe(endpoint, outcome, time.monotonic() - started)
-
-    async def _post(
-        self,
-        endpoint: str,
-        payload: dict[str, Any],
-        headers: dict[str, str],
-    ) -> tuple[dict[str, Any], aiohttp.ClientResponse]:
-        try:
-            async with self._http.post(
+        session_id: str = "-",
+    ) -> tuple[dict[str, Any], str | None]:
+        """POST one call; the JSON object answered and, from /scenario, the session cookie."""
+        async with (
+            observed(endpoint, self._observe, session_id),
+            self._http.post(
                 f"{self._base}/{endpoint}",
                 data=jsoncodec.dumps(payload),
-                headers=headers,
+                headers=headers or self._headers,
                 timeout=self._timeout,
-            ) as response:
-                try:
-                    body = jsoncodec.loads(await response.read())
-                except (ValueError, RecursionError):
-                    body = None
-        except TimeoutError as exc:
-            raise UpstreamTimeout(f"/{endpoint} did not answer in time") from exc
-        except aiohttp.ClientConnectionError as exc:
-            raise UpstreamUnavailable(f"/{endpoint}: {type(exc).__name__}") from exc
-        except aiohttp.ClientError as exc:
-            raise UpstreamError(f"/{endpoint}: {type(exc).__name__}") from exc
-        detail = body.get("detail") if isinstance(body, dict) else None
-        if endpoint == "chat" and is_session_lost(response.status, detail):
-            raise SessionLost("the AI server no longer knows this session")
-        if response.status != 200:
-            # detail may echo what we sent; keep only its status in the client's view.
-            raise UpstreamError(f"/{endpoint} answered {response.status}")
-        if not isinstance(body, dict):
-            raise UpstreamError(f"/{endpoint} answered something that is not a JSON object")
-        return body, response
-
+                allow_redirects=False,
+            ) as response,
+        ):
+            refuse_redirect(response, "/" + endpoint)
+            raw = await read_limited(response, self._max_reply_bytes, "/" + endpoint)
+            try:
+                body = jsoncodec.loads(raw)
+            except (ValueError, RecursionError):
+                body = None
+            detail = body.get("detail") if isinstance(body, dict) else None
+            if endpoint == "chat" and is_session_lost(response.status, detail):
+                raise SessionLost("the AI server no longer knows this session")
+            if response.status != 200:
+                # detail may echo what we sent; keep only its status in the client's view.
+                raise UpstreamError(f"/{endpoint} answered {response.status}")
+            if not isinstance(body, dict):
+                raise UpstreamError(f"/{endpoint} answered something that is not a JSON object")
+            cookie = session_cookie(response) if endpoint == "scenario" else None
+            self.last_success = time.monotonic()
+            return body, cookie

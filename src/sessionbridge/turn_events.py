@@ -1,0 +1,118 @@
+"""The events of one turn, as a client following it sees them (contract §6), free of HTTP.
+
+A running turn appends to its :class:`TurnEvents`; any number of readers
+follow it, each at its own pace, from the start or after a given delta. The
+turn never waits for a reader: an append is a list append and one wake-up of
+whoever is waiting. What a running turn keeps is bounded by the reply limit
+(the deltas are the reply), and the log is let go once the turn has ended
+and its answer is stored: a later reader is served from the database
+(:func:`stored_events`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import BridgeError, problem_body
+from .records import Message
+
+STARTED = "turn.started"
+DELTA = "reply.delta"
+COMPLETED = "turn.completed"
+FAILED = "turn.failed"
+ENDINGS = (COMPLETED, FAILED)
+
+
+@dataclass(frozen=True, slots=True)
+class TurnEvent:
+    name: str
+    data: dict[str, Any]
+    # The delta's number within its turn (1, 2, 3 ...); None for other events.
+    id: int | None = None
+
+
+class TurnEvents:
+    """The event log of one turn; readers follow it while it grows."""
+
+    def __init__(self) -> None:
+        self._events: list[TurnEvent] = []
+        self._deltas = 0
+        self._grown: asyncio.Future[None] | None = None
+
+    @property
+    def ended(self) -> bool:
+        return bool(self._events) and self._events[-1].name in ENDINGS
+
+    def _append(self, event: TurnEvent) -> None:
+        if self.ended:
+            return  # exactly one end event, whatever happens afterwards
+        self._events.append(event)
+        grown, self._grown = self._grown, None
+        if grown is not None and not grown.done():
+            grown.set_result(None)
+
+    def started(self, user_message: Message) -> None:
+        self._append(TurnEvent(STARTED, {"user_message": user_message.public()}))
+
+    def delta(self, text: str) -> None:
+        self._deltas += 1
+        self._append(TurnEvent(DELTA, {"text": text}, self._deltas))
+
+    def completed(self, result: dict[str, Any]) -> None:
+        self._append(TurnEvent(COMPLETED, result))
+
+    def failed(self, error: BridgeError) -> None:
+        self._append(TurnEvent(FAILED, problem_body(error)))
+
+    async def follow(self, after_delta: int = 0) -> AsyncIterator[TurnEvent]:
+        """Every event from the start (deltas after ``after_delta``), then live ones, to the end."""
+        position = 0
+        while True:
+            while position < len(self._events):
+                event = self._events[position]
+                position += 1
+                if event.id is not None and event.id <= after_delta:
+                    continue
+                yield event
+                if event.name in ENDINGS:
+                    return
+            if self._grown is None:
+                self._grown = asyncio.get_running_loop().create_future()
+            await asyncio.shield(self._grown)
+
+
+def split_pieces(text: str, piece_ends: str | None) -> list[str]:
+    """A stored reply cut where its streamed pieces ended (one piece when not streamed)."""
+    if not piece_ends:
+        return [text] if text else []
+    pieces: list[str] = []
+    start = 0
+    for raw_end in piece_ends.split(","):
+        end = int(raw_end)
+        pieces.append(text[start:end])
+        start = end
+    if start < len(text):
+        pieces.append(text[start:])
+    return pieces
+
+
+def stored_events(
+    question: Message, answer: Message | None, result: dict[str, Any] | None, error: BridgeError
+) -> TurnEvents:
+    """The events of a turn that has ended, rebuilt from the database.
+
+    ``result`` is the turn's completed body when it was answered; ``error``
+    describes the failure otherwise.
+    """
+    events = TurnEvents()
+    events.started(question)
+    if answer is not None and result is not None:
+        for piece in split_pieces(answer.content, answer.piece_ends):
+            events.delta(piece)
+        events.completed(result)
+    else:
+        events.failed(error)
+    return events
