@@ -496,7 +496,7 @@ async def test_second_reply_streams_in_pieces_and_is_marked_reused(
 ) -> None:
     # The OpenAI-compatible reference server streams a reply in pieces of three
     # tokens with a pause between them, so a reader can watch it arrive.
-    ai = OpenAIReferenceState(piece_delay=0.08, tokens_per_piece=3)
+    ai = OpenAIReferenceState(piece_delay=0.15, tokens_per_piece=3)
     upstream = await aiohttp_server(create_openai_reference_app(ai))
     bridge = await start_bridge(
         aiohttp_server,
