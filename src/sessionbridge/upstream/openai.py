@@ -393,7 +393,7 @@ class OpenAIClient:
         slot = self._slots.choose(session.id)
         async with slot.lock:
             restored = False
-            if slot.resident != session.id:
+            if slot.resident != session.id or await self._slot_is_empty(slot.index):
                 restored = await self._restore(slot.index, session)
                 self._slots.place(slot, session.id)
             payload["id_slot"] = slot.index
@@ -404,6 +404,19 @@ class OpenAIClient:
                 raise
             await self._save(slot.index, session)
             return answer, restored
+
+    async def _slot_is_empty(self, index: int) -> bool:
+        """Whether the slot has served nothing since the server started (it restarted)."""
+        # A slot that has run a task lists it (id_task); a restarted server's
+        # slots list none, so the conversation they held must be restored.
+        try:
+            slots = await self._get_json(self._root + "/slots", "/slots")
+        except (UpstreamFailure, aiohttp.ClientError, TimeoutError):
+            return False
+        if not isinstance(slots, list):
+            return False
+        entry = next((s for s in slots if isinstance(s, dict) and s.get("id") == index), None)
+        return isinstance(entry, dict) and "id_task" not in entry
 
     async def _restore(self, index: int, session: ChatSession) -> bool:
         assert self._slot_files is not None

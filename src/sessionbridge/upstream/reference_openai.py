@@ -280,19 +280,22 @@ async def _handle_props(request: web.Request) -> web.Response:
 async def _handle_slots(request: web.Request) -> web.Response:
     state = _persona(request, "llama.cpp")
     state.calls["slots"] += 1
-    return _json(
-        [
-            {
-                "id": slot.id,
-                "n_ctx": state.slot_ctx,
-                "speculative": False,
-                "is_processing": slot.busy,
-                "n_prompt_tokens": len(slot.tokens),
-                "next_token": [{"has_next_token": slot.busy, "n_remain": -1, "n_decoded": 0}],
-            }
-            for slot in state.slots
-        ]
-    )
+    # As llama.cpp: a slot lists its last task and prompt only once it has
+    # run one since the server started.
+    return _json([
+        {
+            "id": slot.id,
+            "n_ctx": state.slot_ctx,
+            "speculative": False,
+            "is_processing": slot.busy,
+            **(
+                {"id_task": slot.last_used, "n_prompt_tokens": len(slot.tokens)}
+                if slot.last_used else {}
+            ),
+            "next_token": [{"has_next_token": slot.busy, "n_remain": -1, "n_decoded": 0}],
+        }
+        for slot in state.slots
+    ])
 
 
 def _write_slot_file(path: Path, payload: JSONObject) -> int:
