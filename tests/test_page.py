@@ -486,11 +486,6 @@ def sse(event: str, data: Any, event_id: int | None = None) -> str:
     return "\n".join(lines) + "\n\n"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the bridge does not stream yet (contract §6, being built): POST .../messages "
-    "with Accept: text/event-stream still answers JSON, so the reply arrives whole",
-)
 async def test_second_reply_streams_in_pieces_and_is_marked_reused(
     page: Page, aiohttp_server: AiohttpServer, settings: Settings
 ) -> None:

@@ -17,6 +17,7 @@ from .config import Settings
 from .errors import FieldError, InvalidField, InvalidJSON, NotFound
 from .jsoncodec import json_response
 from .records import ApiKey, ChatSession, is_storable
+from .web import events
 
 MAX_PAGE = 200
 DEFAULT_PAGE = 50
@@ -189,7 +190,7 @@ async def delete_session(request: web.Request) -> web.Response:
 
 
 @routes.post("/v1/sessions/{id}/messages")
-async def post_message(request: web.Request) -> web.Response:
+async def post_message(request: web.Request) -> web.StreamResponse:
     settings = request.app[SETTINGS]
     idempotency_key = request.headers.get("Idempotency-Key")
     fields = Fields(await read_object(request))
@@ -201,10 +202,39 @@ async def post_message(request: web.Request) -> web.Response:
         fields.fail("Idempotency-Key", "must be UTF-8 text")
     fields.check()
     assert content is not None
-    result = await request.app[CONVERSATIONS].send(
+    service = request.app[CONVERSATIONS]
+    if events.wants_stream(request):
+        # Anything refused before the question is stored raises here, and so
+        # keeps its plain problem+json answer; after that the answer streams.
+        turn = await service.begin(
+            api_key(request), request.match_info["id"], content, max_tokens, idempotency_key,
+            follow_running=True,
+        )
+        return await events.stream(request, turn.events, keepalive=settings.sse_keepalive)
+    result = await service.send(
         api_key(request), request.match_info["id"], content, max_tokens, idempotency_key
     )
     return json_response(result.public())
+
+
+def last_event_id(request: web.Request) -> int:
+    raw = request.headers.get("Last-Event-ID", "").strip()
+    if not raw:
+        return 0
+    if not raw.isascii() or not raw.isdigit() or len(raw) > 9:
+        raise InvalidField([FieldError("Last-Event-ID", "must be a delta id this stream gave")])
+    return int(raw)
+
+
+@routes.get("/v1/sessions/{id}/messages/{message_id}/events")
+async def turn_events(request: web.Request) -> web.StreamResponse:
+    after = last_event_id(request)
+    turn = await request.app[CONVERSATIONS].follow(
+        api_key(request), request.match_info["id"], request.match_info["message_id"]
+    )
+    return await events.stream(
+        request, turn, after_delta=after, keepalive=request.app[SETTINGS].sse_keepalive
+    )
 
 
 @routes.get("/v1/sessions/{id}/messages")

@@ -95,6 +95,10 @@ async def serve(settings: Settings, banner: str | None = None) -> None:
         drained = await app[CONVERSATIONS].wait_idle(settings.shutdown_grace)
         if not drained:
             log.warning("event=grace_expired turns_cut_off=%d", len(app[CONVERSATIONS].locks))
+        # Cut off what outlived the grace before the handlers are stopped, so
+        # each cut-off turn's stream still ends with its turn.failed event.
+        await app[CONVERSATIONS].stop()
+        await asyncio.sleep(_CANCEL_WAIT / 2)
     finally:
         if watchdog is not None:
             watchdog.cancel()

@@ -114,6 +114,8 @@ class Settings:
     session_queue: int = 8
     max_inflight: int = 32
     shutdown_grace: float = 30.0
+    # A comment line goes out on an idle event stream this often (contract §6: at most 15 s).
+    sse_keepalive: float = 15.0
     idempotency_ttl: float = 24 * 3600.0
     # How long a live API key is trusted without asking the database again;
     # a `keys revoke` from another process takes effect within it (0: at once).
@@ -135,7 +137,7 @@ class Settings:
         if not 0 < self.port < 65536:
             raise ConfigError("port must be between 1 and 65535")
         for name in ("upstream_timeout", "health_timeout", "max_body", "max_inflight",
-                     "max_reply_bytes", "slot_files"):
+                     "sse_keepalive", "max_reply_bytes", "slot_files"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive")
         for name in ("empty_reply_retries", "recovery_budget", "session_queue",

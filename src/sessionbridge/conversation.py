@@ -61,9 +61,6 @@ log = logging.getLogger(__name__)
 # Session rows kept for recently active conversations (a few hundred bytes to a
 # scenario's length each).
 CONTEXT_CACHE_SIZE = 1024
-# A follower of a question that is pending here without a running turn (one
-# that is being answered elsewhere) looks at the database this often.
-PENDING_POLL = 0.25
 # Which kind a turn reports when its attempts differ (an empty reply retried).
 _KIND_RANK: dict[AISessionKind, int] = {"reused": 0, "recovered": 1, "created": 2}
 
@@ -368,19 +365,33 @@ class Conversations:
         if session is None:
             raise NotFound("no such session")
         turn = self._running.get(message_id)
-        if turn is not None and turn.question is not None and turn.question.id == message_id:
+        if turn is not None:
             return turn.events
-        while True:
-            question = await self._store.get_message_by_id(session.pk, message_id)
-            if question is None or question.role != "user":
-                raise NotFound("no such message")
-            if question.status != "pending":
-                return await self._stored_turn(session, question)
-            turn = self._running.get(message_id)
-            if turn is not None:
-                return turn.events
-            # Pending, but not running here: answered elsewhere, or just ending.
-            await asyncio.sleep(PENDING_POLL)
+        question = await self._store.get_message_by_id(session.pk, message_id)
+        if question is None or question.role != "user":
+            raise NotFound("no such message")
+        if question.status != "pending":
+            return await self._stored_turn(session, question)
+
+        # Pending, but not running here: it is just starting or ending here, or
+        # it runs elsewhere. The log fills from whichever source has more.
+        async def poll(events: TurnEvents) -> bool:
+            known = len(events)
+            running = self._running.get(message_id)
+            if running is not None:
+                events.extend(running.events.since(known))
+                return len(events) > known
+            current = await self._store.get_message_by_id(session.pk, message_id)
+            if current is None:
+                events.failed(NotFound("the session was deleted during the turn"))
+            elif current.status != "pending":
+                stored = await self._stored_turn(session, current)
+                events.extend(stored.since(known))
+            return len(events) > known
+
+        events = TurnEvents(poller=poll)
+        events.started(question)
+        return events
 
     async def _stored_turn(self, session: ChatSession, question: Message) -> TurnEvents:
         answer = None

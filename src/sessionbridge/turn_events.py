@@ -12,7 +12,7 @@ and its answer is stored: a later reader is served from the database
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,13 +34,59 @@ class TurnEvent:
     id: int | None = None
 
 
-class TurnEvents:
-    """The event log of one turn; readers follow it while it grows."""
+# Looks for the rest of a turn that runs elsewhere; True when something was added.
+Poller = Callable[["TurnEvents"], Awaitable[bool]]
+POLL_INTERVAL = 0.25
 
-    def __init__(self) -> None:
+
+class TurnEvents:
+    """The event log of one turn; readers follow it while it grows.
+
+    A log of a turn that runs in another process (or whose end is not known
+    here yet) has a ``poller`` that looks for the rest while a reader waits.
+    """
+
+    def __init__(self, poller: Poller | None = None) -> None:
         self._events: list[TurnEvent] = []
         self._deltas = 0
         self._grown: asyncio.Future[None] | None = None
+        self._poller = poller
+
+    def __len__(self) -> int:
+        return len(self._events)
+
+    def since(self, position: int) -> list[TurnEvent]:
+        return self._events[position:]
+
+    async def wait_beyond(self, position: int, timeout: float) -> bool:
+        """Wait until the log holds more than ``position`` events; False after ``timeout``."""
+        if len(self._events) > position:
+            return True
+        if self._poller is not None:
+            deadline = asyncio.get_running_loop().time() + timeout
+            while len(self._events) <= position:
+                remaining = deadline - asyncio.get_running_loop().time()
+                if remaining <= 0:
+                    return False
+                await asyncio.sleep(min(POLL_INTERVAL, remaining))
+                await self._poller(self)
+            return True
+        if self._grown is None:
+            self._grown = asyncio.get_running_loop().create_future()
+        try:
+            # Shielded: a reader that gives up must not cancel the others' wake-up.
+            await asyncio.wait_for(asyncio.shield(self._grown), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    def extend(self, events: list[TurnEvent]) -> None:
+        """Append events told by another log (the stored end of a turn run elsewhere)."""
+        for event in events:
+            if event.name == DELTA:
+                self._deltas += 1
+                event = TurnEvent(DELTA, event.data, self._deltas)
+            self._append(event)
 
     @property
     def ended(self) -> bool:
@@ -71,17 +117,14 @@ class TurnEvents:
         """Every event from the start (deltas after ``after_delta``), then live ones, to the end."""
         position = 0
         while True:
-            while position < len(self._events):
-                event = self._events[position]
+            for event in self.since(position):
                 position += 1
                 if event.id is not None and event.id <= after_delta:
                     continue
                 yield event
                 if event.name in ENDINGS:
                     return
-            if self._grown is None:
-                self._grown = asyncio.get_running_loop().create_future()
-            await asyncio.shield(self._grown)
+            await self.wait_beyond(position, 3600.0)
 
 
 def split_pieces(text: str, piece_ends: str | None) -> list[str]:

@@ -1,0 +1,299 @@
+"""Streamed turns (contract §6) over real sockets, for both AI-server families."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestServer
+from pytest_aiohttp import AiohttpServer
+
+from sessionbridge.config import Settings, TokenRange
+from sessionbridge.upstream.reference_openai import (
+    OpenAIReferenceState,
+    create_openai_reference_app,
+)
+from sessionbridge.upstream.reference_sessions import DevServerState
+from tests.conftest import Api, MakeApi, issue_token, problem
+from tests.sse import Stream, read_events
+
+STREAM = {"Accept": "text/event-stream"}
+
+
+@pytest.fixture
+def openai_state() -> OpenAIReferenceState:
+    # Pieces of three tokens, 20 ms apart: a reply takes a few hundred ms.
+    return OpenAIReferenceState(piece_delay=0.02, tokens_per_piece=3)
+
+
+@pytest.fixture
+async def openai_server(
+    aiohttp_server: AiohttpServer, openai_state: OpenAIReferenceState
+) -> TestServer:
+    return await aiohttp_server(create_openai_reference_app(openai_state))
+
+
+@pytest.fixture
+def openai_api_factory(
+    make_api: MakeApi, openai_server: TestServer, tmp_path: Path
+) -> MakeApi:
+    async def make(**changes: Any) -> Api:
+        return await make_api(
+            db=str(tmp_path / "openai.db"),
+            upstream_url=str(openai_server.make_url("/v1")),
+            upstream_flavor="openai",
+            upstream_max_tokens=TokenRange(1, 500),
+            **changes,
+        )
+
+    return make
+
+
+async def streamed(api: Api, session_id: str, content: str, **kwargs: Any) -> Stream:
+    headers = {**STREAM, **kwargs.pop("headers", {})}
+    response = await api.send(session_id, content, headers=headers, **kwargs)
+    return await read_events(response)
+
+
+def check_complete(stream: Stream, stored: list[dict[str, Any]]) -> None:
+    """Events in order, one end event, deltas numbered 1.. and joined equal to the stored reply."""
+    assert stream.names[0] == "turn.started"
+    assert stream.names[-1] == "turn.completed"
+    assert stream.names.count("turn.completed") + stream.names.count("turn.failed") == 1
+    assert set(stream.names[1:-1]) == {"reply.delta"}
+    assert [d.id for d in stream.deltas] == list(range(1, len(stream.deltas) + 1))
+    completed = stream.events[-1].data
+    assert stream.text == completed["reply"]["content"] == stored[-1]["content"]
+    assert stream.events[0].data["user_message"]["id"] == completed["user_message"]["id"]
+    assert stream.events[0].data["user_message"]["status"] == "pending"
+
+
+async def test_seed_protocol_streams_its_reply_as_one_delta(api: Api) -> None:
+    session_id = await api.new_session()
+
+    first = await streamed(api, session_id, "Hello")
+    second = await streamed(api, session_id, "Again")
+
+    stored = await api.messages(session_id)
+    check_complete(second, stored)
+    assert len(first.deltas) == len(second.deltas) == 1
+    assert first.events[-1].data["ai_session"] == "created"
+    assert second.events[-1].data["ai_session"] == "reused"
+
+
+async def test_openai_replies_stream_piece_by_piece(openai_api_factory: MakeApi) -> None:
+    api = await openai_api_factory()
+    session_id = await api.new_session()
+
+    stream = await streamed(api, session_id, "Tell me something")
+
+    check_complete(stream, await api.messages(session_id))
+    assert len(stream.deltas) >= 3
+    # Pieces arrive as the AI server sends them, not all at the end.
+    assert stream.deltas[-1].at - stream.deltas[0].at >= 0.03
+
+
+async def test_without_the_header_nothing_changes(api: Api) -> None:
+    session_id = await api.new_session()
+
+    response = await api.send(session_id, "Hello")
+
+    assert response.status == 200
+    assert response.content_type == "application/json"
+
+
+async def test_a_refusal_before_the_question_is_stored_keeps_its_problem(api: Api) -> None:
+    await problem(await api.send("no-such-session", "hi", headers=STREAM), 404, "not_found")
+    session_id = await api.new_session()
+    response = await api.request(
+        "POST", f"/v1/sessions/{session_id}/messages", json={"content": ""}, headers=STREAM
+    )
+    await problem(response, 422, "invalid_field")
+    assert await api.messages(session_id) == []
+
+
+async def test_a_reader_that_leaves_does_not_stop_the_turn_and_can_resume(
+    openai_api_factory: MakeApi,
+) -> None:
+    api = await openai_api_factory()
+    session_id = await api.new_session()
+    response = await api.send(session_id, "A long answer please", headers=STREAM)
+    partial = await read_events(response, stop_after_deltas=1)
+    question_id = partial.events[0].data["user_message"]["id"]
+    response.close()  # the client goes away after the first delta
+
+    resumed = await read_events(
+        await api.request(
+            "GET", f"/v1/sessions/{session_id}/messages/{question_id}/events",
+            headers={"Last-Event-ID": "1"},
+        )
+    )
+
+    # Exactly what was missed: the deltas after the first, numbered as before.
+    assert [d.id for d in resumed.deltas] == list(range(2, len(resumed.deltas) + 2))
+    assert resumed.names[0] == "turn.started" and resumed.names[-1] == "turn.completed"
+    stored = await api.messages(session_id)
+    assert stored[-1]["status"] == "answered"
+    assert partial.text + resumed.text == stored[-1]["content"]
+
+
+async def test_an_ended_turn_replays_its_pieces_from_the_database(
+    openai_api_factory: MakeApi,
+) -> None:
+    api = await openai_api_factory()
+    session_id = await api.new_session()
+    live = await streamed(api, session_id, "Hello there")
+    question_id = live.events[0].data["user_message"]["id"]
+    url = f"/v1/sessions/{session_id}/messages/{question_id}/events"
+
+    again = await read_events(await api.request("GET", url))
+    after_two = await read_events(await api.request("GET", url, headers={"Last-Event-ID": "2"}))
+
+    assert [(d.id, d.data) for d in again.deltas] == [(d.id, d.data) for d in live.deltas]
+    assert [(d.id, d.data) for d in after_two.deltas] == [(d.id, d.data) for d in live.deltas[2:]]
+    assert again.events[-1].data == live.events[-1].data
+    assert again.events[0].data["user_message"]["status"] == "answered"
+
+
+async def test_a_blank_reply_is_retried_and_never_streamed(
+    openai_api_factory: MakeApi, openai_state: OpenAIReferenceState
+) -> None:
+    api = await openai_api_factory(empty_reply_retries=2)
+    session_id = await api.new_session()
+    openai_state.blank_replies = 1
+    openai_state.empty_replies = 1
+
+    stream = await streamed(api, session_id, "Hello")
+
+    check_complete(stream, await api.messages(session_id))
+    assert stream.deltas[0].data["text"].strip()  # the first delta already holds text
+    assert sum(1 for r in openai_state.requests if "messages" in r) == 3
+
+
+async def test_an_upstream_failure_mid_stream_ends_with_turn_failed(
+    openai_api_factory: MakeApi, openai_state: OpenAIReferenceState
+) -> None:
+    api = await openai_api_factory()
+    session_id = await api.new_session()
+    openai_state.break_after_pieces = 2
+
+    stream = await streamed(api, session_id, "Hello")
+
+    assert stream.names[-1] == "turn.failed"
+    assert stream.events[-1].data["code"] == "upstream_error"
+    assert stream.events[-1].data["status"] == 502
+    (question,) = await api.messages(session_id)
+    assert question["status"] == "failed" and question["error"] == "upstream_error"
+
+
+async def test_keep_alive_comments_flow_while_the_reply_is_slow(
+    openai_api_factory: MakeApi, openai_state: OpenAIReferenceState
+) -> None:
+    api = await openai_api_factory(sse_keepalive=0.05)
+    session_id = await api.new_session()
+    openai_state.prompt_token_delay = 0.02  # a slow prompt: nothing to send for a while
+
+    stream = await streamed(api, session_id, "Hello")
+
+    assert "keep-alive" in stream.comments
+    assert stream.names[-1] == "turn.completed"
+
+
+async def test_an_idempotent_streaming_retry_follows_the_running_turn(
+    openai_api_factory: MakeApi, openai_state: OpenAIReferenceState
+) -> None:
+    api = await openai_api_factory()
+    session_id = await api.new_session()
+    headers = {**STREAM, "Idempotency-Key": "k-1"}
+
+    first, second = await asyncio.gather(
+        streamed(api, session_id, "Hello", headers=headers),
+        streamed(api, session_id, "Hello", headers=headers),
+    )
+    after = await streamed(api, session_id, "Hello", headers=headers)
+
+    assert first.events[-1].data == second.events[-1].data == after.events[-1].data
+    assert first.text == second.text == after.text
+    assert sum(1 for r in openai_state.requests if "messages" in r) == 1
+    assert len(await api.messages(session_id)) == 2
+    # Without the event stream the rules of contract §3 stay: in progress is 409.
+    running = asyncio.ensure_future(streamed(api, session_id, "Other", headers={
+        "Idempotency-Key": "k-2"
+    }))
+    await asyncio.sleep(0.05)
+    await problem(
+        await api.send(session_id, "Other", headers={"Idempotency-Key": "k-2"}),
+        409, "idempotency_in_progress",
+    )
+    await running
+
+
+async def test_streamed_turns_of_one_session_are_answered_in_order(
+    openai_api_factory: MakeApi,
+) -> None:
+    api = await openai_api_factory()
+    session_id = await api.new_session()
+
+    streams = await asyncio.gather(*(streamed(api, session_id, f"m{n}") for n in range(3)))
+
+    stored = await api.messages(session_id)
+    assert [m["content"] for m in stored[0::2]] == ["m0", "m1", "m2"]
+    assert [s.events[-1].data["reply"]["content"] for s in streams] == [
+        m["content"] for m in stored[1::2]
+    ]
+
+
+async def test_another_keys_events_are_not_found(api: Api) -> None:
+    session_id = await api.new_session()
+    stream = await streamed(api, session_id, "Hello")
+    question_id = stream.events[0].data["user_message"]["id"]
+    url = f"/v1/sessions/{session_id}/messages/{question_id}/events"
+    other = await issue_token(api.app, "other")
+
+    response = await api.client.get(url, headers={"Authorization": f"Bearer {other}"})
+
+    await problem(response, 404, "not_found")
+    await problem(
+        await api.request("GET", f"/v1/sessions/{session_id}/messages/nope/events"),
+        404, "not_found",
+    )
+    reply_id = stream.events[-1].data["reply"]["id"]
+    await problem(
+        await api.request("GET", f"/v1/sessions/{session_id}/messages/{reply_id}/events"),
+        404, "not_found",
+    )
+
+
+async def test_a_failed_turns_events_end_with_its_error(
+    api: Api, ai_state: DevServerState
+) -> None:
+    session_id = await api.new_session()
+    ai_state.fail_next.append(500)
+    live = await streamed(api, session_id, "Hello")
+    question_id = live.events[0].data["user_message"]["id"]
+
+    again = await read_events(
+        await api.request("GET", f"/v1/sessions/{session_id}/messages/{question_id}/events")
+    )
+
+    assert live.names == again.names == ["turn.started", "turn.failed"]
+    assert live.events[-1].data["code"] == again.events[-1].data["code"] == "upstream_error"
+
+
+async def test_a_bad_last_event_id_is_invalid(api: Api) -> None:
+    session_id = await api.new_session()
+    stream = await streamed(api, session_id, "Hello")
+    question_id = stream.events[0].data["user_message"]["id"]
+
+    response = await api.request(
+        "GET", f"/v1/sessions/{session_id}/messages/{question_id}/events",
+        headers={"Last-Event-ID": "x1"},
+    )
+
+    await problem(response, 422, "invalid_field")
+
+
+def test_keepalive_is_a_setting() -> None:
+    assert Settings().sse_keepalive == 15.0
