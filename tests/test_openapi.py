@@ -26,7 +26,7 @@ from schemathesis import GenerationMode
 from schemathesis.core.result import Ok
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
-from sessionbridge import openapi
+from sessionbridge.web import openapi
 from sessionbridge.app import create_app
 from sessionbridge.config import Settings
 

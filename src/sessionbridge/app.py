@@ -12,7 +12,7 @@ import aiohttp
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from . import api, openapi, ops, upstream
+from . import upstream
 from .appkeys import AI_SERVER, CONVERSATIONS, METRICS, READINESS, SETTINGS, STORE
 from .auth import auth_middleware
 from .config import Settings
@@ -21,7 +21,7 @@ from .errors import StorageUnavailable, problem_middleware
 from .metrics import Metrics
 from .readiness import ReadinessProbe, probing
 from .store import open_store
-from .web import page
+from .web import api, openapi, ops, page
 
 log = logging.getLogger(__name__)
 

@@ -11,13 +11,13 @@ from typing import Any
 
 from aiohttp import web
 
-from . import jsoncodec
-from .appkeys import API_KEY, CONVERSATIONS, SETTINGS, STORE
-from .config import Settings
-from .errors import FieldError, InvalidField, InvalidJSON, NotFound
-from .jsoncodec import json_response
-from .records import ApiKey, ChatSession, is_storable
-from .web import events
+from .. import jsoncodec
+from ..appkeys import API_KEY, CONVERSATIONS, SETTINGS, STORE
+from ..config import Settings
+from ..errors import FieldError, InvalidField, InvalidJSON, NotFound
+from ..jsoncodec import json_response
+from ..records import ApiKey, ChatSession, is_storable
+from . import events
 
 MAX_PAGE = 200
 DEFAULT_PAGE = 50
