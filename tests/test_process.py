@@ -391,6 +391,39 @@ async def test_sigterm_cuts_a_turn_off_at_the_grace_and_fails_it(
     assert query(db, "PRAGMA integrity_check") == [("ok",)]
 
 
+async def test_sigterm_ends_a_cut_off_streamed_turn_with_turn_failed(
+    tmp_path: Path, procs: Processes, http: aiohttp.ClientSession
+) -> None:
+    upstream = await start_devserver(procs, delay=5.0)
+    db = tmp_path / "b.db"
+    token = await create_token(db)
+    bridge = await start_bridge(procs, db, upstream, env={"SESSIONBRIDGE_SHUTDOWN_GRACE": "1"})
+    client = Client(http, bridge, token)
+    session_id = await client.new_session()
+    headers = {**client.headers, "Accept": "text/event-stream"}
+
+    async with http.post(
+        f"{bridge.url}/v1/sessions/{session_id}/messages",
+        json={"content": "too slow"}, headers=headers,
+    ) as response:
+        started = await response.content.readline()
+        assert started == b"event: turn.started\n"
+        sent_at = time.monotonic()
+        bridge.process.signal(SIGTERM)
+        rest = (await response.content.read()).decode()
+    code = await bridge.process.wait_exit(8)
+    took = time.monotonic() - sent_at
+
+    assert code == 0, bridge.process.describe()
+    assert took < 1.75
+    events = re.findall(r"^event: (\S+)$", rest, re.MULTILINE)
+    assert events == ["turn.failed"], rest
+    assert '"code":"upstream_unavailable"' in rest.replace(" ", "")
+    assert query(db, "SELECT role, status, error_code FROM messages") == [
+        ("user", "failed", "upstream_unavailable")
+    ]
+
+
 # -- 7. sd_notify ----------------------------------------------------------------------
 
 
