@@ -19,7 +19,7 @@ from aiohttp.http_exceptions import BadHttpMessage
 
 from .app import create_app
 from .appkeys import CONVERSATIONS
-from .config import ConfigError, Settings, load_settings
+from .config import ConfigError, Settings, TokenRange, load_settings
 from .connections import ConnectionGuard, condense_accept_errors, descriptor_reserve, effective_cap
 from .notify import feed_watchdog, notify, watchdog_interval
 from .schema import MigrationsMissing
@@ -114,25 +114,42 @@ async def serve(settings: Settings, banner: str | None = None) -> None:
 
 @contextlib.asynccontextmanager
 async def reference_upstream(settings: Settings) -> AsyncIterator[Settings]:
-    """Start the built-in reference AI server (a test double) on a free loopback port."""
+    """Start a built-in reference AI server (a test double) on a free loopback port.
+
+    The seed protocol's by default; the OpenAI-compatible one (with pieces
+    streamed a little apart, so a reply is seen arriving) when the flavor is
+    ``openai``.
+    """
+    from .upstream.reference_openai import OpenAIReferenceState, create_openai_reference_app
     from .upstream.reference_sessions import DevServerState, create_devserver_app
 
-    state = DevServerState(password="demo-" + os.urandom(8).hex())
-    runner = web.AppRunner(create_devserver_app(state), access_log=None)
+    if settings.upstream_flavor == "openai":
+        app = create_openai_reference_app(OpenAIReferenceState(piece_delay=0.05))
+    else:
+        state = DevServerState(password="demo-" + os.urandom(8).hex())
+        app = create_devserver_app(state)
+    runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     # Binding the socket here tells us the free port the system picked.
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     await web.SockSite(runner, sock).start()
-    try:
-        yield dataclasses.replace(
+    if settings.upstream_flavor == "openai":
+        reference = dataclasses.replace(
+            settings, upstream_url=f"http://127.0.0.1:{port}/v1",
+            upstream_max_tokens=TokenRange(1, 500),
+        )
+    else:
+        reference = dataclasses.replace(
             settings,
             upstream_url=f"http://127.0.0.1:{port}",
             upstream_user=state.user,
             upstream_password=state.password,
             upstream_flavor=state.flavor,
         )
+    try:
+        yield reference
     finally:
         await runner.cleanup()
 
@@ -174,7 +191,11 @@ Try a conversation (paste into another terminal):
       -d '{{"content": "Hello!"}}'
   curl -s -X POST $SB/v1/sessions/$SESSION/messages -H "Authorization: Bearer $TOKEN" \\
       -d '{{"content": "And tomorrow?"}}'
+  curl -N -X POST $SB/v1/sessions/$SESSION/messages -H "Authorization: Bearer $TOKEN" \\
+      -H "Accept: text/event-stream" -d '{{"content": "Stream the next one"}}'
   curl -s $SB/v1/sessions/$SESSION/messages -H "Authorization: Bearer $TOKEN"
+
+Or open {base}/ in a browser and paste the key.
 
 Stop with Ctrl-C.
 """
