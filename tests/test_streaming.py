@@ -297,3 +297,46 @@ async def test_a_bad_last_event_id_is_invalid(api: Api) -> None:
 
 def test_keepalive_is_a_setting() -> None:
     assert Settings().sse_keepalive == 15.0
+
+
+async def test_stalled_readers_do_not_slow_the_turn(
+    openai_api_factory: MakeApi, openai_state: OpenAIReferenceState
+) -> None:
+    import socket
+
+    api = await openai_api_factory(max_reply_bytes=2 * 1024 * 1024)
+    session_id = await api.new_session()
+    openai_state.piece_delay = 0.0
+    # About 1.2 MB in pieces of ~12 KB: more than a reader's socket holds.
+    openai_state.reply_text = ("z" * 4000 + " ") * 300
+    response = await api.send(session_id, "A big answer", headers=STREAM)
+    first = await read_events(response, stop_after_deltas=1)
+    question_id = first.events[0].data["user_message"]["id"]
+    url = api.client.make_url(f"/v1/sessions/{session_id}/messages/{question_id}/events")
+
+    stalled: list[socket.socket] = []
+    for _ in range(8):
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, (url.host, url.port))
+        request = f"GET {url.path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {api.token}\r\n\r\n"
+        await asyncio.get_running_loop().sock_sendall(sock, request.encode())
+        stalled.append(sock)  # and never read from
+    try:
+        started = asyncio.get_running_loop().time()
+        # The first client leaves too; the turn must end and be stored regardless.
+        response.close()
+        for _ in range(200):
+            stored = await api.messages(session_id)
+            if stored[-1]["role"] == "assistant":
+                break
+            await asyncio.sleep(0.05)
+        took = asyncio.get_running_loop().time() - started
+    finally:
+        for sock in stalled:
+            sock.close()
+
+    assert stored[-1]["role"] == "assistant", "the turn did not end while readers stalled"
+    assert stored[-1]["content"] == openai_state.reply_text
+    assert took < 5.0
