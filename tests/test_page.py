@@ -29,7 +29,7 @@ from playwright.async_api import Browser, Page, Route, async_playwright, expect
 from pytest_aiohttp import AiohttpServer
 
 from sessionbridge.app import create_app
-from sessionbridge.config import Settings
+from sessionbridge.config import Settings, TokenRange
 from sessionbridge.upstream.reference_openai import (
     OpenAIReferenceState,
     create_openai_reference_app,
@@ -531,8 +531,19 @@ async def fits_width(page: Page) -> bool:
 
 
 async def test_usable_at_phone_and_desktop_size_in_light_and_dark(
-    page: Page, bridge: Bridge, ai_state: DevServerState, tmp_path: Path
+    page: Page, aiohttp_server: AiohttpServer, settings: Settings, tmp_path: Path
 ) -> None:
+    # The OpenAI-compatible reference server: its answers stream and carry
+    # usage, so the screenshots show all that the page can tell.
+    ai_state = OpenAIReferenceState(piece_delay=0.01, tokens_per_piece=4)
+    upstream = await aiohttp_server(create_openai_reference_app(ai_state))
+    bridge = await start_bridge(
+        aiohttp_server,
+        dataclasses.replace(
+            settings, upstream_flavor="openai", upstream_url=str(upstream.make_url("/v1")),
+            upstream_max_tokens=TokenRange(1, 500),
+        ),
+    )
     for title in ("Recipes for a rainy week", "Spanish practice"):
         await bridge.api("POST", "/v1/sessions", json={"scenario": "You help.", "title": title})
     await log_in(page, bridge)
