@@ -21,9 +21,11 @@ llama.cpp slots (``slots.py``) are used only with ``slot_save=on``.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import math
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -67,6 +69,8 @@ STREAM_LINE_LIMIT = 256 * 1024
 # this many times the reply limit.
 STREAM_OVERHEAD = 16
 RETRY_AFTER_DEFAULT = 5
+# Token counts of recent scenarios and messages, by a digest of their text.
+TOKEN_COUNT_CACHE = 512
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,6 +155,7 @@ class OpenAIClient:
         self._info: ServerInfo | None = None
         self._info_lock = asyncio.Lock()
         self._slots: _SlotTable | None = None
+        self._token_counts: OrderedDict[bytes, int] = OrderedDict()
         self.last_success: float | None = None
 
     # -- what the server is -------------------------------------------------------------
@@ -238,6 +243,20 @@ class OpenAIClient:
 
     async def _count_tokens(self, text: str, info: ServerInfo) -> int:
         """Exact where the server tokenizes (llama.cpp), else an estimate from bytes."""
+        # A turn counts its scenario and message twice (before the question is
+        # stored, then to plan the prompt), and a scenario every turn.
+        key = hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
+        known = self._token_counts.get(key)
+        if known is not None:
+            self._token_counts.move_to_end(key)
+            return known
+        count = await self._ask_token_count(text, info)
+        self._token_counts[key] = count
+        if len(self._token_counts) > TOKEN_COUNT_CACHE:
+            self._token_counts.popitem(last=False)
+        return count
+
+    async def _ask_token_count(self, text: str, info: ServerInfo) -> int:
         if info.total_slots is not None:
             try:
                 async with self._http.post(
