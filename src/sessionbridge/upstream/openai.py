@@ -368,6 +368,14 @@ class OpenAIClient:
         if first or (trimmed and new_start != start):
             await turn.save_state(f"from={new_start}")
         kind = self._kind(first, trimmed, restored, last, answer)
+        if restored and self._kind(first, trimmed, False, last, answer) == "recovered":
+            # The restore was accepted but the server computed the prompt again
+            # anyway (llama.cpp does so for sliding-window models without --swa-full).
+            log.warning(
+                "event=slot_restore_missed session=%s cached_tokens=%s",
+                session.id, answer.cached_tokens,
+            )
+            self._count_slot_action("restore", "missed")
         usage = None
         if answer.prompt_tokens is not None and answer.completion_tokens is not None:
             usage = Usage(answer.prompt_tokens, answer.cached_tokens or 0, answer.completion_tokens)
