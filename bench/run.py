@@ -10,7 +10,10 @@ Starts the reference AI server, the bridge and a minimal aiohttp passthrough
 - slow: 200 sessions x 5 turns at once against a 200 ms AI server, wall time
   against the ideal;
 - memory: the bridge's RSS idle and after 100 thousand stored sessions were
-  each used once, and the lock registry's size once traffic stops.
+  each used once, and the lock registry's size once traffic stops;
+- real: a real model (llama-server from `make model`): one long conversation
+  with a restart, through the bridge and through a naive client, turn by turn
+  (real_model.py; skipped, with the reason, when .venv-model is absent).
 
 The figures go to stdout, bench/results/<timestamp>.json and .png. Targets
 are printed beside them and never asserted: the exit status says only
@@ -19,6 +22,7 @@ whether the benchmark ran, not how fast anything was.
     python bench/run.py                 # everything, a few minutes
     python bench/run.py --quick         # a smoke run: short, small databases
     python bench/run.py --only throughput,slow
+    python bench/run.py --no-real       # without the real model (--quick leaves it out too)
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from typing import Any
 import aiohttp
 import chart
 import phases
+import real_model
 from client import SetupError
 from loadgen import LoadGenerator
 from procs import Processes, StartError
@@ -54,6 +59,7 @@ PHASES: dict[str, Callable[[phases.Context], Coroutine[Any, Any, dict[str, Any]]
     "scale": phases.scale,
     "slow": phases.slow,
     "memory": phases.memory,
+    "real": real_model.phase,
 }
 
 # The issue's targets: printed with the figures, never asserted.
@@ -79,6 +85,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--reps", type=int, help="measured runs per target and level")
     parser.add_argument("--memory-timebox", type=float,
                         help="seconds allowed for using the stored sessions once")
+    parser.add_argument("--real", action=argparse.BooleanOptionalAction, default=None,
+                        help="the real-model part (default: on, off with --quick)")
     parser.add_argument("--no-wrk", action="store_true",
                         help="use the Python load generator even when wrk is installed")
     parser.add_argument("--results", type=Path, default=BENCH_DIR / "results",
@@ -87,6 +95,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="keep the databases and server logs of the run")
     args = parser.parse_args(argv)
     args.phases = [name.strip() for name in args.only.split(",") if name.strip()]
+    if args.real is False or (args.real is None and args.quick):
+        args.phases = [name for name in args.phases if name != "real"]
+    elif args.real and "real" not in args.phases:
+        args.phases.append("real")
     unknown = set(args.phases) - set(PHASES)
     if unknown:
         parser.error(f"unknown part(s) {', '.join(sorted(unknown))};"
@@ -237,6 +249,8 @@ def print_report(report: dict[str, Any]) -> None:
               f" peak {memory['bridge_peak_rss_mb']:.1f} MB")
         print(f"  lock registry after traffic: {memory['locked_sessions_after']:.0f} entries")
         print()
+    if "real" in report:
+        real_model.print_report(report["real"])
     rows = target_rows(report)
     if rows:
         print("Targets (reported, never asserted)")
