@@ -29,7 +29,10 @@ from sessionbridge.upstream.reference_sessions import DevServerState
 from .conftest import Api, MakeApi, problem
 from .postgres import LocalServer
 
-SCHEMA_TABLES = {"api_keys", "chat_sessions", "messages", "idempotency_keys"}
+SCHEMA_TABLES = {
+    "api_keys", "chat_sessions", "messages", "idempotency_keys",
+    "bridges", "turn_tickets", "turn_relay",
+}
 
 
 def query(dsn: str, sql: str, *params: Any) -> list[tuple[Any, ...]]:

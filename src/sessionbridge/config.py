@@ -120,6 +120,10 @@ class Settings:
     # How long a live API key is trusted without asking the database again;
     # a `keys revoke` from another process takes effect within it (0: at once).
     key_cache_seconds: float = 1.0
+    # Several bridges on one PostgreSQL database: a turn holds its session
+    # under a lease its bridge renews every third of this many seconds, so a
+    # bridge killed mid-turn holds its session at most this long (SQLite: unused).
+    turn_lease: float = 30.0
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:
@@ -144,7 +148,8 @@ class Settings:
                      "shutdown_grace", "ready_grace", "key_cache_seconds", "context_tokens"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must not be negative")
-        for name in ("ready_interval", "header_timeout", "keepalive_timeout", "max_connections"):
+        for name in ("ready_interval", "header_timeout", "keepalive_timeout", "max_connections",
+                     "turn_lease"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive")
 

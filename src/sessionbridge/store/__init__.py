@@ -91,7 +91,9 @@ async def open_store(settings: Settings) -> AsyncIterator[Store]:
         from .postgres import PostgresStore
 
         store = await PostgresStore.open(
-            target.target, key_cache_seconds=settings.key_cache_seconds
+            target.target,
+            key_cache_seconds=settings.key_cache_seconds,
+            turn_lease=settings.turn_lease,
         )
     else:
         store = await SqliteStore.open(

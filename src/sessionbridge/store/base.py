@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import AbstractAsyncContextManager
 from typing import Protocol
 
 from ..records import (
@@ -15,6 +16,7 @@ from ..records import (
     TranscriptTurn,
     Usage,
 )
+from ..turn_events import TurnEvent, TurnEvents
 
 
 class DuplicateKeyName(Exception):
@@ -23,6 +25,19 @@ class DuplicateKeyName(Exception):
 
 class SessionGone(LookupError):
     """The chat session was deleted while a turn was writing to it."""
+
+
+class TurnLease(Protocol):
+    """A turn's hold on its session, among every bridge on the database."""
+
+    async def take(self) -> ChatSession | None:
+        """Wait until this turn holds its session; the session row as it is now.
+
+        None where the store has nothing to hand over (one process on the
+        database: the bridge's own lock is the only one, and its cached row
+        is right), or when the session is gone.
+        """
+        ...
 
 
 class Store(Protocol):
@@ -84,3 +99,24 @@ class Store(Protocol):
     async def get_idempotency(self, api_key_id: int, key: str) -> IdempotencyRecord | None: ...
     async def purge_idempotency(self, older_than: float) -> int: ...
     async def fail_pending_turns(self) -> int: ...
+
+    # -- several bridges on one database (contract §8) ---------------------------------
+
+    def turn_lease(self, session_pk: int) -> AbstractAsyncContextManager[TurnLease]:
+        """A place in the session's line, taken now (on arrival); ``take()`` waits for the turn.
+
+        Leaving the context gives the session up (or the place, if not taken).
+        """
+        ...
+
+    def relay_turn(self, question_pk: int, events: TurnEvents) -> None:
+        """A turn runs here: a bridge that follows it may have its events."""
+        ...
+
+    def end_relay(self, question_pk: int) -> None:
+        """The turn has ended here (what is being relayed goes on to its end)."""
+        ...
+
+    async def relayed_events(self, question_pk: int, after: int) -> list[TurnEvent]:
+        """Events after the first ``after`` of a turn running on another bridge, as far as known."""
+        ...

@@ -18,11 +18,12 @@ import os
 import sqlite3
 import time
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiosqlite
 
-from ..errors import StorageUnavailable
+from ..errors import IdempotencyInProgress, StorageUnavailable
 from ..records import (
     AISessionKind,
     ApiKey,
@@ -37,6 +38,7 @@ from ..records import (
     Usage,
     utc_now,
 )
+from ..turn_events import TurnEvent, TurnEvents
 from .base import DuplicateKeyName, SessionGone
 from .group_commit import GroupCommitWriter
 from .sqlite_faults import MappedReader
@@ -71,6 +73,13 @@ def _message(row: sqlite3.Row | tuple[Any, ...]) -> Message:
         pk, id_, seq, role, content, status, created_at, kind,
         _usage(prompt, cached, completion), error_code, piece_ends,
     )
+
+
+class _OneProcessLease:
+    """One bridge per SQLite file: its own session lock is the whole lease."""
+
+    async def take(self) -> ChatSession | None:
+        return None
 
 
 def time_ordered_id() -> str:
@@ -478,6 +487,18 @@ class SqliteStore:
         )
 
     @staticmethod
+    def _check_key_free(db: sqlite3.Connection, idempotency: IdempotencyStart) -> None:
+        # The same key started twice at once (the bridge turns the second away
+        # before it queues, but a store must not rely on that): the second is
+        # refused rather than asking the AI server again.
+        row = db.execute(
+            "SELECT state FROM idempotency_keys WHERE api_key_id = ? AND key = ?",
+            (idempotency.api_key_id, idempotency.key),
+        ).fetchone()
+        if row is not None and row[0] != "failed":
+            raise IdempotencyInProgress("the request with this Idempotency-Key was already made")
+
+    @staticmethod
     def _retake_message(db: sqlite3.Connection, session_pk: int, message_pk: int) -> Message:
         # A retried question keeps its row; it moves to the end of the
         # conversation when other messages came after it, so that its answer
@@ -512,6 +533,8 @@ class SqliteStore:
 
         def write(db: sqlite3.Connection) -> Message:
             self._fail_stale_question(db, session_pk)
+            if idempotency is not None:
+                self._check_key_free(db, idempotency)
             if retry_message_pk is None:
                 message = self._insert_message(db, session_pk, draft)
             else:
@@ -622,3 +645,18 @@ class SqliteStore:
             return failed.rowcount
 
         return await self._writer.run(write)
+
+    # -- several bridges: one process per SQLite file, so nothing to share ---------------
+
+    @contextlib.asynccontextmanager
+    async def turn_lease(self, session_pk: int) -> AsyncIterator[_OneProcessLease]:
+        yield _OneProcessLease()
+
+    def relay_turn(self, question_pk: int, events: TurnEvents) -> None:
+        return None
+
+    def end_relay(self, question_pk: int) -> None:
+        return None
+
+    async def relayed_events(self, question_pk: int, after: int) -> list[TurnEvent]:
+        return []
