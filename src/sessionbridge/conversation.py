@@ -53,7 +53,7 @@ from .records import (
     is_storable,
 )
 from .store import SessionGone, Store
-from .turn_events import TurnEvents, stored_events
+from .turn_events import COMPLETED, TurnEvents, stored_events
 from .upstream import AIServer, Reply
 
 log = logging.getLogger(__name__)
@@ -347,17 +347,56 @@ class Conversations:
                 raise IdempotencyMismatch("this Idempotency-Key was used with another body")
             if record.state == "succeeded":
                 return await self._replay(key, session_id, record)
-            if record.state == "in_progress" and not follow_running:
-                # Being answered by another process on this database.
-                raise IdempotencyInProgress(
-                    "the request with this Idempotency-Key is still running"
-                )
+            if record.state == "in_progress":
+                # Being answered by another bridge on this database (one here
+                # would be in _running_keys): refused, or followed there.
+                if not follow_running:
+                    raise IdempotencyInProgress(
+                        "the request with this Idempotency-Key is still running"
+                    )
+                return await self._follow_elsewhere(key, session_id, idempotency_key, record)
             # A failed attempt is tried again on the same question row.
             retry_message_pk = record.user_message_pk
         idempotency = IdempotencyStart(key.id, idempotency_key, fingerprint, time.time())
         return await self._start(
             key, session_id, content, max_tokens, idempotency, retry_message_pk
         )
+
+    async def _follow_elsewhere(
+        self, key: ApiKey, session_id: str, idempotency_key: str, record: IdempotencyRecord
+    ) -> Turn:
+        """The turn of an idempotent request running on another bridge, followed from here."""
+        session = await self._store.get_session(key.id, session_id)
+        question = None
+        if session is not None and record.user_message_pk is not None:
+            question = await self._store.get_message(session.pk, record.user_message_pk)
+        if question is None:
+            raise NotFound("no such session")
+        events = await self.follow(key, session_id, question.id)
+        outcome: asyncio.Future[TurnResult] = asyncio.get_running_loop().create_future()
+        outcome.add_done_callback(_consume)
+
+        async def settle() -> None:
+            # The outcome, once the turn has ended there (begin() waits for it
+            # to let the key go here).
+            ending = None
+            async for event in events.follow():
+                ending = event
+            try:
+                if ending is None or ending.name != COMPLETED:
+                    raise error_from_code(ending.data.get("code") if ending else None, "failed")
+                done = await self._store.get_idempotency(key.id, idempotency_key)
+                if done is None or done.state != "succeeded":
+                    raise UpstreamError("the turn ended without its outcome stored")
+                replayed = await self._replay(key, session_id, done)
+                outcome.set_result(await replayed.outcome)
+            except Exception as exc:
+                outcome.set_exception(exc)
+
+        task = asyncio.create_task(settle(), name=f"follow-{session_id}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return Turn(events, outcome, question)
 
     async def follow(self, key: ApiKey, session_id: str, message_id: str) -> TurnEvents:
         """The events of the turn of question ``message_id``: live while it runs, else stored."""
@@ -381,6 +420,11 @@ class Conversations:
             if running is not None:
                 events.extend(running.events.since(known))
                 return len(events) > known
+            # Running on another bridge: what it relays (nothing from SQLite).
+            relayed = await self._store.relayed_events(question.pk, known)
+            if relayed:
+                events.extend(relayed)
+                return True
             current = await self._store.get_message_by_id(session.pk, message_id)
             if current is None:
                 events.failed(NotFound("the session was deleted during the turn"))
@@ -460,8 +504,16 @@ class Conversations:
         stored: asyncio.Future[Message],
     ) -> None:
         try:
-            async with self.locks.hold(session_id):
-                # Read under the lock: the turn before may have changed the AI session.
+            # The message's place in its session's line among every bridge on
+            # the database is taken on arrival, before it waits here.
+            place = (await self._context(key, session_id)).pk
+            async with self._store.turn_lease(place) as lease, self.locks.hold(session_id):
+                # Read under the lock: the turn before may have changed the AI
+                # session. On a database shared by bridges the cached row may be
+                # another bridge's past: the lease hands over the row as it is.
+                fresh = await lease.take()
+                if fresh is not None:
+                    self._remember(fresh)
                 session = await self._context(key, session_id)
                 if self.inflight >= self._settings.max_inflight:
                     raise Overloaded(f"{self.inflight} turns are already in flight")
@@ -506,12 +558,15 @@ class Conversations:
             raise NotFound("no such session") from None
         turn.question = question
         self._running[question.id] = turn
+        # A bridge other than this one may follow the turn (GET .../events).
+        self._store.relay_turn(question.pk, turn.events)
         try:
             turn.events.started(question)
             stored.set_result(question)
             await self._complete(session, question, content, tokens, idempotency, turn)
         finally:
             del self._running[question.id]
+            self._store.end_relay(question.pk)
 
     async def _complete(
         self,
