@@ -1,0 +1,426 @@
+"""Several bridge processes on one PostgreSQL database (contract §8).
+
+Each test starts real bridge processes on one migrated database and a
+reference AI server in this process, whose counters and switches the test
+reads and turns (its /scenario calls count the AI sessions created, its
+``delay`` holds a turn open).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import psycopg
+import pytest
+from aiohttp.test_utils import TestServer
+from pytest_aiohttp import AiohttpServer
+
+from sessionbridge.upstream.reference_openai import (
+    OpenAIReferenceState,
+    create_openai_reference_app,
+)
+from sessionbridge.upstream.reference_sessions import DevServerState
+
+from .processes import SIGKILL, Process, Processes, clean_env, free_port, run_cli, wait_http_ok
+from .sse import Stream, read_events
+
+STREAM = {"Accept": "text/event-stream"}
+# Short enough for a test to wait out, long enough for a loaded machine's beats.
+TEST_LEASE = 3.0
+
+
+def query(dsn: str, sql: str, *params: Any) -> list[tuple[Any, ...]]:
+    with psycopg.connect(dsn, autocommit=True) as connection:
+        return connection.execute(sql, params).fetchall()  # type: ignore[arg-type]
+
+
+@dataclass
+class Bridge:
+    process: Process
+    url: str
+
+
+@dataclass
+class Cluster:
+    """Bridges on one database, one HTTP client, and one API key valid on all of them."""
+
+    procs: Processes
+    dsn: str
+    upstream: str
+    http: aiohttp.ClientSession
+    env: dict[str, str]
+    token: str = ""
+
+    async def start(self, wait: bool = True, **env: str) -> Bridge:
+        port = free_port()
+        process = self.procs.start(
+            "bridge",
+            ["-m", "sessionbridge", "serve", "--port", str(port), "--db", self.dsn,
+             "--upstream", self.upstream],
+            clean_env(**{**self.env, **env}),
+        )
+        bridge = Bridge(process, f"http://127.0.0.1:{port}")
+        if wait:
+            await wait_http_ok(bridge.url + "/healthz", process, deadline=30)
+        return bridge
+
+    async def new_token(self, name: str = "tests") -> str:
+        done = await run_cli("keys", "create", name, "--db", self.dsn)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.rstrip("\n").splitlines()[-1]
+
+    def headers(self, extra: dict[str, str] | None = None) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}", **(extra or {})}
+
+    async def new_session(self, bridge: Bridge) -> str:
+        async with self.http.post(
+            bridge.url + "/v1/sessions", json={"scenario": "You are a tutor."},
+            headers=self.headers(),
+        ) as response:
+            assert response.status == 201, await response.text()
+            return str((await response.json())["id"])
+
+    async def send(
+        self, bridge: Bridge, session_id: str, content: str, headers: dict[str, str] | None = None
+    ) -> tuple[int, dict[str, Any], dict[str, str]]:
+        async with self.http.post(
+            f"{bridge.url}/v1/sessions/{session_id}/messages", json={"content": content},
+            headers=self.headers(headers),
+        ) as response:
+            return response.status, await response.json(content_type=None), dict(response.headers)
+
+    async def messages(self, bridge: Bridge, session_id: str) -> list[dict[str, Any]]:
+        async with self.http.get(
+            f"{bridge.url}/v1/sessions/{session_id}/messages?limit=200", headers=self.headers()
+        ) as response:
+            assert response.status == 200, await response.text()
+            return list((await response.json())["messages"])
+
+    async def wait_messages(
+        self, bridge: Bridge, session_id: str, count: int, within: float = 15.0
+    ) -> list[dict[str, Any]]:
+        deadline = time.monotonic() + within
+        while len(messages := await self.messages(bridge, session_id)) < count:
+            assert time.monotonic() < deadline, messages
+            await asyncio.sleep(0.05)
+        return messages
+
+
+@pytest.fixture
+def procs(tmp_path: Path) -> Iterator[Processes]:
+    registry = Processes(tmp_path)
+    yield registry
+    registry.close()
+
+
+@pytest.fixture
+async def seed_server(aiohttp_server: AiohttpServer, ai_state: DevServerState) -> TestServer:
+    from sessionbridge.upstream.reference_sessions import create_devserver_app
+
+    return await aiohttp_server(create_devserver_app(ai_state))
+
+
+async def _cluster(
+    procs: Processes, dsn: str, upstream: str, env: dict[str, str]
+) -> AsyncIterator[Cluster]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as http:
+        cluster = Cluster(procs, dsn, upstream, http, env)
+        cluster.token = await cluster.new_token()
+        yield cluster
+        procs.close()  # the bridges close their pools before the database is dropped
+
+
+@pytest.fixture
+async def cluster(
+    migrated_postgres_dsn: str, procs: Processes, seed_server: TestServer, ai_state: DevServerState
+) -> AsyncIterator[Cluster]:
+    env = {
+        "SESSIONBRIDGE_UPSTREAM_USER": ai_state.user,
+        "SESSIONBRIDGE_UPSTREAM_PASSWORD": ai_state.password,
+        "SESSIONBRIDGE_UPSTREAM_TIMEOUT": "60",
+        "SESSIONBRIDGE_TURN_LEASE": str(TEST_LEASE),
+        "SESSIONBRIDGE_KEY_CACHE_SECONDS": "1",
+    }
+    upstream = str(seed_server.make_url("")).rstrip("/")
+    async for made in _cluster(procs, migrated_postgres_dsn, upstream, env):
+        yield made
+
+
+def questions_and_answers(messages: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """(question, answer) pairs; asserts each question is followed by its answer."""
+    pairs = []
+    for question, answer in zip(messages[::2], messages[1::2], strict=True):
+        assert (question["role"], answer["role"]) == ("user", "assistant"), messages
+        assert answer["seq"] == question["seq"] + 1
+        pairs.append((question["content"], answer["content"]))
+    return pairs
+
+
+# -- one conversation, two bridges ------------------------------------------------------------
+
+
+async def test_racing_first_messages_through_two_bridges_create_one_ai_session(
+    cluster: Cluster, ai_state: DevServerState
+) -> None:
+    a, b = await cluster.start(), await cluster.start()
+    ai_state.delay = 0.3
+    session_id = await cluster.new_session(a)
+
+    answers = await asyncio.gather(
+        cluster.send(a, session_id, "first via A"), cluster.send(b, session_id, "first via B")
+    )
+
+    assert [status for status, _, _ in answers] == [200, 200], answers
+    assert sorted(body["ai_session"] for _, body, _ in answers) == ["created", "reused"]
+    assert ai_state.calls["scenario"] == 1
+    assert len(questions_and_answers(await cluster.messages(b, session_id))) == 2
+
+
+async def test_messages_through_both_bridges_are_answered_one_at_a_time_in_arrival_order(
+    cluster: Cluster, ai_state: DevServerState
+) -> None:
+    a, b = await cluster.start(), await cluster.start()
+    session_id = await cluster.new_session(a)
+    await cluster.send(a, session_id, "warm up")  # the AI session exists
+    ai_state.delay = 0.4
+    # Two in a row on one bridge, then two on the other: a bridge's own queue
+    # must not jump ahead of a message that reached the other bridge first.
+    route = [a, a, b, b, a, b]
+    sends = []
+    for number, bridge in enumerate(route, start=1):
+        sends.append(asyncio.create_task(cluster.send(bridge, session_id, f"message {number}")))
+        await asyncio.sleep(0.15)
+    answers = await asyncio.gather(*sends)
+
+    assert [status for status, _, _ in answers] == [200] * len(route), answers
+    pairs = questions_and_answers(await cluster.messages(a, session_id))
+    assert [question for question, _ in pairs[1:]] == [
+        f"message {n}" for n in range(1, len(route) + 1)
+    ]
+    # Each answer saw every earlier turn: they ran one after the other, in one AI session.
+    for index, (question, answer) in enumerate(pairs, start=1):
+        assert answer.startswith(f"turn {index}: you said {question!r}"), answer
+    assert ai_state.calls["scenario"] == 1
+
+
+async def test_an_idempotency_key_in_progress_on_one_bridge_is_409_on_the_other(
+    cluster: Cluster, ai_state: DevServerState
+) -> None:
+    a, b = await cluster.start(), await cluster.start()
+    session_id = await cluster.new_session(a)
+    ai_state.delay = 1.5
+    key = {"Idempotency-Key": "once-only"}
+
+    first = asyncio.create_task(cluster.send(a, session_id, "hello", key))
+    await cluster.wait_messages(b, session_id, 1)  # the question is stored: in progress
+    status, body, headers = await cluster.send(b, session_id, "hello", key)
+    assert (status, body["code"]) == (409, "idempotency_in_progress"), body
+    assert int(headers["Retry-After"]) > 0
+
+    status, answered, _ = await first
+    assert status == 200, answered
+    for bridge in (a, b):
+        again_status, again, _ = await cluster.send(bridge, session_id, "hello", key)
+        assert (again_status, again) == (200, answered)
+    assert ai_state.calls["chat"] == 1
+
+
+async def test_a_key_revoked_through_one_bridge_is_refused_by_the_other_within_the_cache_time(
+    cluster: Cluster,
+) -> None:
+    a, b = await cluster.start(), await cluster.start()
+    cluster.token = await cluster.new_token("soon-revoked")
+    for bridge in (a, b):  # now cached by both
+        await cluster.new_session(bridge)
+
+    done = await run_cli("keys", "revoke", "soon-revoked", "--db", cluster.dsn)
+    assert done.returncode == 0, done.stderr
+    revoked_at = time.monotonic()
+
+    for bridge in (a, b):
+        while True:
+            async with cluster.http.get(bridge.url + "/v1/sessions",
+                                        headers=cluster.headers()) as response:
+                if response.status == 401:
+                    break
+                assert response.status == 200
+            # SESSIONBRIDGE_KEY_CACHE_SECONDS=1, and a little for a loaded machine.
+            assert time.monotonic() - revoked_at < 1.0 + 1.0
+            await asyncio.sleep(0.05)
+
+
+# -- a bridge that dies, a bridge that starts -------------------------------------------------
+
+
+async def test_a_bridge_killed_mid_turn_frees_its_session_within_the_lease(
+    cluster: Cluster, ai_state: DevServerState
+) -> None:
+    a, b = await cluster.start(), await cluster.start()
+    session_id = await cluster.new_session(a)
+    await cluster.send(a, session_id, "before")
+    ai_state.delay = 60.0  # the turn on A never ends by itself
+    cut_off = asyncio.create_task(cluster.send(a, session_id, "cut off"))
+    await cluster.wait_messages(b, session_id, 3)
+
+    a.process.signal(SIGKILL)
+    killed_at = time.monotonic()
+    ai_state.delay = 0.0
+    with pytest.raises(aiohttp.ClientError):
+        await cut_off
+
+    # Its question ends failed without anyone asking, once the lease has run
+    # out (and the next beat of the live bridge has seen it).
+    while (await cluster.messages(b, session_id))[2]["status"] == "pending":
+        assert time.monotonic() - killed_at < TEST_LEASE * 2 + 2, "still pending"
+        await asyncio.sleep(0.1)
+    status, body, _ = await cluster.send(b, session_id, "after")
+    assert status == 200, body
+    assert time.monotonic() - killed_at < TEST_LEASE * 2 + 3
+    messages = await cluster.messages(b, session_id)
+    assert [(m["content"], m["status"]) for m in messages if m["role"] == "user"] == [
+        ("before", "answered"), ("cut off", "failed"), ("after", "answered"),
+    ]
+    assert body["ai_session"] == "reused"
+
+
+async def test_the_next_message_on_another_bridge_waits_out_a_dead_turns_lease(
+    cluster: Cluster, ai_state: DevServerState
+) -> None:
+    a, b = await cluster.start(), await cluster.start()
+    session_id = await cluster.new_session(a)
+    ai_state.delay = 60.0
+    cut_off = asyncio.create_task(cluster.send(a, session_id, "cut off"))
+    await cluster.wait_messages(b, session_id, 1)
+    a.process.signal(SIGKILL)
+    killed_at = time.monotonic()
+    ai_state.delay = 0.0
+    with pytest.raises(aiohttp.ClientError):
+        await cut_off
+
+    status, body, _ = await cluster.send(b, session_id, "next")
+
+    assert status == 200, body
+    assert time.monotonic() - killed_at < TEST_LEASE + 2
+    users = [m for m in await cluster.messages(b, session_id) if m["role"] == "user"]
+    assert [(m["content"], m["status"]) for m in users] == [
+        ("cut off", "failed"), ("next", "answered"),
+    ]
+
+
+async def test_a_bridge_starting_does_not_fail_the_turns_running_on_another(
+    cluster: Cluster, ai_state: DevServerState
+) -> None:
+    a = await cluster.start()
+    session_id = await cluster.new_session(a)
+    ai_state.delay = 2.0
+    running = asyncio.create_task(cluster.send(a, session_id, "long question"))
+    await cluster.wait_messages(a, session_id, 1)
+
+    await cluster.start()  # fails the pending turns of dead bridges at start, not A's
+
+    status, body, _ = await running
+    assert status == 200, body
+    assert [m["status"] for m in await cluster.messages(a, session_id)] == ["answered"] * 2
+
+
+async def test_two_bridges_serving_an_empty_database_at_once_both_migrate_it(
+    postgres_dsn: str, procs: Processes, seed_server: TestServer, ai_state: DevServerState
+) -> None:
+    env = {
+        "SESSIONBRIDGE_UPSTREAM_USER": ai_state.user,
+        "SESSIONBRIDGE_UPSTREAM_PASSWORD": ai_state.password,
+    }
+    upstream = str(seed_server.make_url("")).rstrip("/")
+    async with aiohttp.ClientSession() as http:
+        cluster = Cluster(procs, postgres_dsn, upstream, http, env)
+        starting = [await cluster.start(wait=False) for _ in range(2)]
+        for bridge in starting:
+            await wait_http_ok(bridge.url + "/readyz", bridge.process, deadline=30)
+        cluster.token = await cluster.new_token()
+        for bridge in starting:
+            session_id = await cluster.new_session(bridge)
+            status, body, _ = await cluster.send(bridge, session_id, "hello")
+            assert status == 200, body
+        procs.close()
+    ids = [row[0] for row in query(postgres_dsn, "SELECT migration_id FROM _yoyo_migration")]
+    assert len(ids) == len(set(ids)) >= 3
+
+
+# -- streams across bridges -------------------------------------------------------------------
+
+
+@pytest.fixture
+def openai_state() -> OpenAIReferenceState:
+    # A reply of 40 one-word pieces, 50 ms apart: about two seconds to follow.
+    return OpenAIReferenceState(
+        piece_delay=0.05, tokens_per_piece=1, reply_text=" ".join(["word"] * 40)
+    )
+
+
+@pytest.fixture
+async def openai_cluster(
+    migrated_postgres_dsn: str,
+    procs: Processes,
+    aiohttp_server: AiohttpServer,
+    openai_state: OpenAIReferenceState,
+) -> AsyncIterator[Cluster]:
+    server = await aiohttp_server(create_openai_reference_app(openai_state))
+    env = {
+        "SESSIONBRIDGE_UPSTREAM_FLAVOR": "openai",
+        "SESSIONBRIDGE_UPSTREAM_MAX_TOKENS": "1-500",
+        "SESSIONBRIDGE_TURN_LEASE": str(TEST_LEASE),
+    }
+    async for made in _cluster(procs, migrated_postgres_dsn, str(server.make_url("/v1")), env):
+        yield made
+
+
+async def follow_events(
+    cluster: Cluster, bridge: Bridge, session_id: str, message_id: str
+) -> Stream:
+    async with cluster.http.get(
+        f"{bridge.url}/v1/sessions/{session_id}/messages/{message_id}/events",
+        headers=cluster.headers(),
+    ) as response:
+        return await read_events(response)
+
+
+async def test_events_on_another_bridge_follow_a_running_turn_and_replay_an_ended_one(
+    openai_cluster: Cluster,
+) -> None:
+    cluster = openai_cluster
+    a, b = await cluster.start(), await cluster.start()
+    session_id = await cluster.new_session(a)
+
+    async with cluster.http.post(
+        f"{a.url}/v1/sessions/{session_id}/messages", json={"content": "tell me"},
+        headers=cluster.headers(STREAM),
+    ) as response:
+        first_line = await response.content.readuntil(b"\n\n")  # turn.started
+        assert b"turn.started" in first_line, first_line
+        message_id = (await cluster.wait_messages(b, session_id, 1))[0]["id"]
+        followed, own = await asyncio.gather(
+            follow_events(cluster, b, session_id, message_id), read_events(response)
+        )
+
+    assert followed.names[0] == "turn.started" and followed.names[-1] == "turn.completed"
+    completed_on_a = own.events[-1]
+    assert completed_on_a.name == "turn.completed"
+    stored = (await cluster.messages(b, session_id))[1]["content"]
+    assert followed.text == stored == " ".join(["word"] * 40)
+    # Live: pieces reached the other bridge's reader before the turn ended.
+    assert len(followed.deltas) > 1
+    assert followed.deltas[0].at < completed_on_a.at - 0.5
+    assert [d.id for d in followed.deltas] == list(range(1, len(followed.deltas) + 1))
+    assert followed.events[-1].data == completed_on_a.data
+
+    replayed = await follow_events(cluster, b, session_id, message_id)
+    assert replayed.names[0] == "turn.started" and replayed.names[-1] == "turn.completed"
+    assert replayed.text == stored
+    assert replayed.events[-1].data == completed_on_a.data
+
