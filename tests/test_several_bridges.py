@@ -424,3 +424,19 @@ async def test_events_on_another_bridge_follow_a_running_turn_and_replay_an_ende
     assert replayed.text == stored
     assert replayed.events[-1].data == completed_on_a.data
 
+
+
+def test_llama_cpp_slot_saving_is_off_with_a_warning_on_postgresql(
+    caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    from sessionbridge.app import create_app
+    from sessionbridge.appkeys import SETTINGS
+    from sessionbridge.config import Settings
+
+    wanted = {"slot_save": "on", "slot_dir": str(tmp_path), "upstream_flavor": "openai"}
+    on_postgres = create_app(Settings(db="postgresql://h/db", **wanted))  # type: ignore[arg-type]
+    on_sqlite = create_app(Settings(db=str(tmp_path / "b.db"), **wanted))  # type: ignore[arg-type]
+
+    assert on_postgres[SETTINGS].slot_save == "off"
+    assert on_sqlite[SETTINGS].slot_save == "on"
+    assert "event=slot_save_disabled" in caplog.text

@@ -20,7 +20,7 @@ from .conversation import Conversations
 from .errors import StorageUnavailable, problem_middleware
 from .metrics import Metrics
 from .readiness import ReadinessProbe, probing
-from .store import open_store
+from .store import for_database, open_store
 from .web import api, openapi, ops, page
 
 log = logging.getLogger(__name__)
@@ -114,7 +114,7 @@ def create_app(settings: Settings) -> web.Application:
         client_max_size=settings.max_body,
         middlewares=[metrics_middleware, problem_middleware, auth_middleware],
     )
-    app[SETTINGS] = settings
+    app[SETTINGS] = for_database(settings)
     app[METRICS] = Metrics()
     app.cleanup_ctx.extend([database, ai_server, conversations, readiness, idempotency_purge])
     app.add_routes(api.routes)

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Literal
@@ -31,9 +33,12 @@ __all__ = [
     "SqliteStore",
     "Store",
     "database",
+    "for_database",
     "migrate",
     "open_store",
 ]
+
+log = logging.getLogger(__name__)
 
 _POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 _SQLITE_SCHEME = "sqlite:///"
@@ -69,6 +74,23 @@ def database(db: str) -> Database:
         raise ConfigError(f"db: {scheme}:// is not a database the bridge can use"
                           " (a path, sqlite:///path or postgresql://...)")
     return Database("sqlite", db)
+
+
+def for_database(settings: Settings) -> Settings:
+    """The settings as the database they name allows them.
+
+    On PostgreSQL several bridges may share one llama.cpp server, and slot
+    files are bookkeeping of one bridge (which slot holds which conversation,
+    which file is whose): two bridges would restore each other's slots over
+    a conversation's cache. So slot saving is off there, with a warning.
+    """
+    if settings.slot_save == "on" and database(settings.db).kind == "postgresql":
+        log.warning(
+            "event=slot_save_disabled reason=shared_database"
+            " detail=llama.cpp slot files are kept per bridge; several bridges share PostgreSQL"
+        )
+        return dataclasses.replace(settings, slot_save="off")
+    return settings
 
 
 def migrate(db: str) -> int:
