@@ -802,13 +802,6 @@ class PostgresStore:
         exists = await self._fetchval("SELECT 1 FROM chat_sessions WHERE pk = $1", session_pk)
         return exists is None, None
 
-    async def _wait_free(self, session_pk: int) -> None:
-        event = self._free.setdefault(session_pk, asyncio.Event())
-        try:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(event.wait(), LEASE_POLL)
-        finally:
-            self._free.pop(session_pk, None)
 
     async def _release(self, session_pk: int, ticket: int) -> None:
         if self._held.get(session_pk) == ticket:
@@ -914,8 +907,19 @@ class _Lease:
         self.ticket = ticket
 
     async def take(self) -> ChatSession | None:
-        while True:
-            taken, session = await self._store._take(self._session_pk, self.ticket)
-            if taken:
-                return session
-            await self._store._wait_free(self._session_pk)
+        # Listening before each try, so a release that lands between a failed
+        # try and the wait still wakes this turn at once.
+        freed = asyncio.Event()
+        waiting = self._store._free
+        waiting[self._session_pk] = freed
+        try:
+            while True:
+                freed.clear()
+                taken, session = await self._store._take(self._session_pk, self.ticket)
+                if taken:
+                    return session
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(freed.wait(), LEASE_POLL)
+        finally:
+            if waiting.get(self._session_pk) is freed:
+                del waiting[self._session_pk]
