@@ -146,7 +146,7 @@ class Processes:
         self._wait_ready(server, "/health")
         return server
 
-    def bridge(self, name: str, db: Path, upstream: Server) -> Server:
+    def bridge(self, name: str, db: Path | str, upstream: Server) -> Server:
         port = free_port()
         argv = [sys.executable, "-m", "sessionbridge", "serve", "--host", HOST,
                 "--port", str(port), "--db", str(db), "--upstream", upstream.url]
@@ -189,7 +189,7 @@ class Processes:
             self.stop(server)
 
 
-def create_key(db: Path, name: str = "bench") -> str:
+def create_key(db: Path | str, name: str = "bench") -> str:
     """A fresh API key through the bridge's own CLI; its token is the last stdout line."""
     result = subprocess.run(
         [sys.executable, "-m", "sessionbridge", "keys", "create", name, "--db", str(db)],

@@ -11,6 +11,8 @@ Starts the reference AI server, the bridge and a minimal aiohttp passthrough
   against the ideal;
 - memory: the bridge's RSS idle and after 100 thousand stored sessions were
   each used once, and the lock registry's size once traffic stops;
+- several: two bridges on one PostgreSQL against one bridge on SQLite, same
+  load and AI server (several.py);
 - real: a real model (llama-server from `make model`): one long conversation
   with a restart, through the bridge and through a naive client, turn by turn
   (real_model.py; skipped, with the reason, when .venv-model is absent).
@@ -48,6 +50,7 @@ import aiohttp
 import chart
 import phases
 import real_model
+import several
 from client import SetupError
 from loadgen import LoadGenerator
 from procs import Processes, StartError
@@ -59,6 +62,7 @@ PHASES: dict[str, Callable[[phases.Context], Coroutine[Any, Any, dict[str, Any]]
     "scale": phases.scale,
     "slow": phases.slow,
     "memory": phases.memory,
+    "several": several.phase,
     "real": real_model.phase,
 }
 
