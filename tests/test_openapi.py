@@ -26,9 +26,9 @@ from schemathesis import GenerationMode
 from schemathesis.core.result import Ok
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
-from sessionbridge.web import openapi
 from sessionbridge.app import create_app
 from sessionbridge.config import Settings
+from sessionbridge.web import openapi
 
 from .conftest import Api, issue_token
 

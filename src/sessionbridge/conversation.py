@@ -209,7 +209,8 @@ class Conversations:
         # The session rows of recently active conversations, so a turn needs no
         # database read to learn its AI session. Only turns change a session's
         # adapter state, one at a time under the session's lock, so a row read
-        # under that lock stays right (single bridge per database); a session
+        # under that lock stays right for one bridge; on a database shared by
+        # bridges the store's lease hands each turn the row as it is. A session
         # deleted meanwhile is caught when the turn stores its question.
         self._contexts: OrderedDict[str, ChatSession] = OrderedDict()
 
