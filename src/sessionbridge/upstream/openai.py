@@ -462,28 +462,43 @@ class OpenAIClient:
     async def _slot_action(self, index: int, action: str, filename: str, session_id: str) -> bool:
         """Save or restore a slot; a failure costs only the cache, never the turn."""
         endpoint = f"slots/{action}"
-        try:
-            async with (
-                observed(endpoint, self._observe, session_id),
-                self._http.post(
-                    f"{self._root}/slots/{index}",
-                    params={"action": action},
-                    data=jsoncodec.dumps({"filename": filename}),
-                    headers=self._headers,
-                    allow_redirects=False,
-                    timeout=self._timeout,
-                ) as response,
-            ):
-                refuse_redirect(response, endpoint)
-                raw = await read_limited(response, SMALL_BODY, endpoint)
-                if response.status != 200:
-                    raise UpstreamError(f"{endpoint} answered {response.status}: {raw[:200]!r}")
-        except UpstreamFailure as exc:
-            log.warning("event=slot_%s_failed session=%s error=%s", action, session_id, exc)
+        for attempt in (1, 2):
+            try:
+                await self._slot_call(index, action, filename, session_id, endpoint)
+            except UpstreamUnavailable as exc:
+                # A pooled connection the server had just closed: both
+                # actions are idempotent, so one more try on a fresh one.
+                if attempt == 1:
+                    continue
+                failure: UpstreamFailure = exc
+            except UpstreamFailure as exc:
+                failure = exc
+            else:
+                self._count_slot_action(action, "ok")
+                return True
+            log.warning("event=slot_%s_failed session=%s error=%s", action, session_id, failure)
             self._count_slot_action(action, "failed")
             return False
-        self._count_slot_action(action, "ok")
-        return True
+        return False
+
+    async def _slot_call(
+        self, index: int, action: str, filename: str, session_id: str, endpoint: str
+    ) -> None:
+        async with (
+            observed(endpoint, self._observe, session_id),
+            self._http.post(
+                f"{self._root}/slots/{index}",
+                params={"action": action},
+                data=jsoncodec.dumps({"filename": filename}),
+                headers=self._headers,
+                allow_redirects=False,
+                timeout=self._timeout,
+            ) as response,
+        ):
+            refuse_redirect(response, endpoint)
+            raw = await read_limited(response, SMALL_BODY, endpoint)
+            if response.status != 200:
+                raise UpstreamError(f"{endpoint} answered {response.status}: {raw[:200]!r}")
 
     async def forget(self, session: ChatSession) -> None:
         if self._slots is not None:
@@ -500,7 +515,10 @@ class OpenAIClient:
             self._http.post(
                 self._base + "/chat/completions",
                 data=jsoncodec.dumps(payload),
-                headers=self._headers,
+                # llama.cpp closes a streamed answer's connection after it
+                # despite its Keep-Alive header; a pooled connection the next
+                # call took would fail. A turn's stream gets its own.
+                headers={**self._headers, "Connection": "close"},
                 allow_redirects=False,
                 timeout=self._timeout,
             ) as response,
