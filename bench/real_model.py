@@ -91,11 +91,19 @@ class Turn:
 
 
 class NaiveClient:
-    """Sends the whole history each turn, the time first; drops the oldest turn to fit."""
+    """Sends the whole history each turn, the time first; drops the oldest turn to fit.
 
-    def __init__(self, http: aiohttp.ClientSession, llama: LlamaServer) -> None:
+    With ``stamp=False`` it is the bridge's own way without the bridge: the
+    history exactly as received, the same system prompt every turn (the
+    first-token comparison's direct client).
+    """
+
+    def __init__(self, http: aiohttp.ClientSession, llama: LlamaServer, *,
+                 stamp: bool = True, id_slot: int | None = None) -> None:
         self._http = http
         self._llama = llama
+        self._stamp = stamp
+        self._id_slot = id_slot
         self.history: list[tuple[str, str]] = []
         self._counts: dict[str, int] = {}
 
@@ -107,7 +115,9 @@ class NaiveClient:
         return self._counts[text]
 
     async def turn(self, question: str) -> Turn:
-        system = f"Current time: {datetime.datetime.now().isoformat()}\n{SCENARIO}"
+        system = SCENARIO
+        if self._stamp:
+            system = f"Current time: {datetime.datetime.now().isoformat()}\n{SCENARIO}"
         # Trimming to the budget is not timed: it is the client's own work.
         while True:
             texts = [system, *(t for pair in self.history for t in pair), question]
@@ -120,7 +130,11 @@ class NaiveClient:
             messages += [{"role": "user", "content": user},
                          {"role": "assistant", "content": assistant}]
         messages.append({"role": "user", "content": question})
-        payload = {"messages": messages, "max_tokens": REPLY_TOKENS, "stream": True}
+        payload: dict[str, Any] = {
+            "messages": messages, "max_tokens": REPLY_TOKENS, "stream": True
+        }
+        if self._id_slot is not None:
+            payload["id_slot"] = self._id_slot
         started = time.perf_counter()
         first: float | None = None
         pieces: list[str] = []
@@ -155,10 +169,10 @@ class NaiveClient:
 
 
 class BridgeProcess:
-    def __init__(self, workdir: Path, llama: LlamaServer) -> None:
+    def __init__(self, workdir: Path, llama: LlamaServer, name: str = "real-bridge") -> None:
         self.port = free_port()
-        self.db = workdir / "real-bridge.db"
-        self.log_path = workdir / "real-bridge.log"
+        self.db = workdir / f"{name}.db"
+        self.log_path = workdir / f"{name}.log"
         env = clean_env(
             SESSIONBRIDGE_UPSTREAM_FLAVOR="openai",
             SESSIONBRIDGE_UPSTREAM_URL=llama.base_url,
@@ -310,11 +324,20 @@ async def measure(workdir: Path) -> dict[str, Any]:
                 print(f"  turn {number:2d} {event:<8} bridge computed {through_bridge.computed:4d}"
                       f" of {through_bridge.prompt:4d} ({through_bridge.ai_session}),"
                       f" naive {through_naive.computed:4d}", flush=True)
+            bridge.stop()
+            # A fresh server and bridge: the bridge's conversation takes slot
+            # 0 (its slot table starts empty), the direct one is sent to slot 1,
+            # so neither evicts the other's cache.
+            await asyncio.to_thread(llama.restart)
+            _warm_up(llama)
+            bridge = BridgeProcess(workdir, llama, name="first-token-bridge")
+            first_token = await first_token_rounds(http, bridge, llama)
     finally:
         if bridge is not None:
             bridge.stop()
         llama.stop()
     return {
+        "first_token": first_token,
         "model": "Gemma 3 270M Q4_K_M (llama.cpp llama-server, 2 slots of 2048 tokens)",
         "budget_tokens": BUDGET,
         "reply_tokens": REPLY_TOKENS,
@@ -322,6 +345,43 @@ async def measure(workdir: Path) -> dict[str, Any]:
         "bridge_streamed": streamed_all,
         "rows": rows,
         "totals": totals(rows),
+    }
+
+
+FIRST_TOKEN_ROUNDS = 11
+
+
+async def first_token_rounds(
+    http: aiohttp.ClientSession, bridge: BridgeProcess, llama: LlamaServer
+) -> dict[str, Any]:
+    """Time to the first piece: through the bridge, and straight from llama-server.
+
+    Two conversations with the same questions, in alternation: one through the
+    bridge (its first ``reply.delta``), one sent straight to the server the
+    bridge's way (the history exactly as received, so its cache is as warm).
+    What the bridge adds before the request (storing the question, counting
+    the message's tokens, looking at its slot) is in the difference.
+    """
+    async with http.post(
+        bridge.url + "/v1/sessions",
+        json={"scenario": SCENARIO, "max_tokens": REPLY_TOKENS},
+        headers={"Authorization": f"Bearer {bridge.token}"},
+    ) as response:
+        session_id = (await response.json())["id"]
+    direct = NaiveClient(http, llama, stamp=False, id_slot=1)
+    rounds = []
+    for question in QUESTIONS[:FIRST_TOKEN_ROUNDS]:
+        through, _ = await bridge_turn(http, bridge, session_id, question)
+        straight = await direct.turn(question)
+        rounds.append({"bridge_ms": through.ttft_ms, "direct_ms": straight.ttft_ms})
+    # The first round of each is a cold prompt; the rest are warm turns.
+    warm = [r for r in rounds[1:] if r["bridge_ms"] is not None and r["direct_ms"] is not None]
+    return {
+        "rounds": rounds,
+        "bridge_ms_median": statistics.median(r["bridge_ms"] for r in warm) if warm else None,
+        "direct_ms_median": statistics.median(r["direct_ms"] for r in warm) if warm else None,
+        "added_ms_median": statistics.median(r["bridge_ms"] - r["direct_ms"] for r in warm)
+        if warm else None,
     }
 
 
@@ -381,6 +441,12 @@ def print_report(result: dict[str, Any]) -> None:
           + (f" ({ratio['ttft']:.1f}x)" if ratio["ttft"] else "")
           + f"; all turns bridge {t['bridge']['total_s']:.1f} s,"
           f" naive {t['naive']['total_s']:.1f} s ({ratio['total']:.1f}x)")
+    first = result.get("first_token")
+    if first and first.get("added_ms_median") is not None:
+        print(f"  time to first piece over {len(first['rounds']) - 1} warm turns (medians):"
+              f" through the bridge {first['bridge_ms_median']:.1f} ms, straight from"
+              f" llama-server {first['direct_ms_median']:.1f} ms; the bridge adds"
+              f" {first['added_ms_median']:.1f} ms")
     print()
 
 
