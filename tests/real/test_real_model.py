@@ -193,3 +193,23 @@ async def test_the_context_budget_trims_a_long_conversation_in_steps(
     assert {a["ai_session"] for a in answers[1:]} == {"reused"}
     # Every turn is stored, trimmed or not: trimming is what the model sees.
     assert len(await all_pages(api, session_id, limit=200)) == 2 * turns
+
+
+async def test_a_streamed_reply_arrives_in_pieces_that_join_to_the_stored_one(
+    api: Api,
+) -> None:
+    from tests.sse import read_events
+
+    session_id = await api.new_session(SCENARIO)
+    await api.say(session_id, "Good morning!")
+
+    response = await api.send(
+        session_id, "What is in the first room?", headers={"Accept": "text/event-stream"}
+    )
+    stream = await read_events(response)
+
+    assert stream.names[0] == "turn.started" and stream.names[-1] == "turn.completed"
+    assert len(stream.deltas) >= 2  # the model's tokens, passed on as they came
+    stored = await api.messages(session_id)
+    assert stream.text == stored[-1]["content"] == stream.events[-1].data["reply"]["content"]
+    assert stream.events[-1].data["ai_session"] == "reused"
