@@ -50,7 +50,6 @@ from .records import (
     IdempotencyRecord,
     IdempotencyStart,
     Message,
-    is_storable,
 )
 from .store import SessionGone, Store
 from .turn_events import COMPLETED, TurnEvents, stored_events
@@ -141,9 +140,12 @@ class _ReplyGate:
     async def push(self, piece: str) -> None:
         if not piece:
             return
-        if not is_storable(piece):
-            raise UpstreamError("the AI server sent text that cannot be stored (lone surrogate)")
-        self._size += len(piece.encode("utf-8"))
+        try:
+            self._size += len(piece.encode("utf-8"))
+        except UnicodeEncodeError:
+            raise UpstreamError(
+                "the AI server sent text that cannot be stored (lone surrogate)"
+            ) from None
         if self._size > self._limit:
             raise UpstreamError(f"the AI server's reply is over the limit of {self._limit} bytes")
         if not self.sent and not piece.strip() and not any(p.strip() for p in self._held):
@@ -274,7 +276,8 @@ class Conversations:
     ) -> TurnResult:
         """Answer one message and return the outcome (a failure raises its error)."""
         turn = await self.begin(key, session_id, content, max_tokens, idempotency_key)
-        # Shielded: a client that goes away does not stop the turn.
+        # Shielded: a client that goes away does not stop the turn, nor settle
+        # its outcome (which others may wait on: its Idempotency-Key, say).
         return await asyncio.shield(turn.outcome)
 
     async def begin(
@@ -487,8 +490,8 @@ class Conversations:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         # Waiting for the question to be stored is what the client waits on;
-        # leaving it (a client gone) leaves the turn running.
-        await asyncio.shield(stored)
+        # leaving it (a client gone) cancels this future only, not the turn.
+        await stored
         return turn
 
     # -- one turn --------------------------------------------------------------------
@@ -563,7 +566,8 @@ class Conversations:
         self._store.relay_turn(question.pk, turn.events)
         try:
             turn.events.started(question)
-            stored.set_result(question)
+            if not stored.done():
+                stored.set_result(question)
             await self._complete(session, question, content, tokens, idempotency, turn)
         finally:
             del self._running[question.id]
@@ -596,7 +600,8 @@ class Conversations:
             self._metrics.count_turn(error.code)
             log.info("event=turn_failed session=%s outcome=%s", session.id, error.code)
             turn.events.failed(error)
-            turn.outcome.set_exception(error)
+            if not turn.outcome.done():
+                turn.outcome.set_exception(error)
             if not isinstance(exc, Exception):
                 raise
             return
@@ -604,10 +609,14 @@ class Conversations:
         self._metrics.count_ai_session(reply.kind)
         if reply.usage is not None:
             self._metrics.count_prompt_tokens(reply.usage)
-        answered = dataclasses.replace(question, status="answered")
+        answered = Message(
+            question.pk, question.id, question.seq, "user", question.content, "answered",
+            question.created_at,
+        )
         result = TurnResult(answered, answer, reply.kind)
-        turn.events.completed(result.public())
-        turn.outcome.set_result(result)
+        turn.events.completed(result.public)
+        if not turn.outcome.done():
+            turn.outcome.set_result(result)
 
     def _failure(self, exc: BaseException, session: ChatSession) -> BridgeError:
         """The contract error a failed turn reports."""

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any
 
 from .errors import BridgeError, problem_body
@@ -26,12 +25,37 @@ FAILED = "turn.failed"
 ENDINGS = (COMPLETED, FAILED)
 
 
-@dataclass(frozen=True, slots=True)
 class TurnEvent:
-    name: str
-    data: dict[str, Any]
-    # The delta's number within its turn (1, 2, 3 ...); None for other events.
-    id: int | None = None
+    """One event: its name, its data, and for a delta its number (1, 2, 3 ...) in the turn.
+
+    The data of the start and end events may be given as a function that
+    builds it: most turns are never followed, and building their message
+    objects for nobody was a noticeable share of a turn.
+    """
+
+    __slots__ = ("_data", "_render", "id", "name")
+
+    def __init__(
+        self,
+        name: str,
+        data: dict[str, Any] | None = None,
+        id: int | None = None,
+        render: Callable[[], dict[str, Any]] | None = None,
+    ) -> None:
+        self.name = name
+        self.id = id
+        self._data = data
+        self._render = render
+
+    @property
+    def data(self) -> dict[str, Any]:
+        if self._data is None:
+            self._data = self._render() if self._render is not None else {}
+            self._render = None
+        return self._data
+
+    def __repr__(self) -> str:
+        return f"TurnEvent({self.name!r}, id={self.id!r})"
 
 
 # Looks for the rest of a turn that runs elsewhere; True when something was added.
@@ -101,14 +125,18 @@ class TurnEvents:
             grown.set_result(None)
 
     def started(self, user_message: Message) -> None:
-        self._append(TurnEvent(STARTED, {"user_message": user_message.public()}))
+        self._append(TurnEvent(STARTED, render=lambda: {"user_message": user_message.public()}))
 
     def delta(self, text: str) -> None:
         self._deltas += 1
         self._append(TurnEvent(DELTA, {"text": text}, self._deltas))
 
-    def completed(self, result: dict[str, Any]) -> None:
-        self._append(TurnEvent(COMPLETED, result))
+    def completed(self, result: dict[str, Any] | Callable[[], dict[str, Any]]) -> None:
+        """The end of an answered turn: its body, or a function that builds it."""
+        if callable(result):
+            self._append(TurnEvent(COMPLETED, render=result))
+        else:
+            self._append(TurnEvent(COMPLETED, result))
 
     def failed(self, error: BridgeError) -> None:
         self._append(TurnEvent(FAILED, problem_body(error)))

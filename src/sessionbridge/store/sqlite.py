@@ -18,7 +18,6 @@ import os
 import sqlite3
 import time
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiosqlite
@@ -76,10 +75,23 @@ def _message(row: sqlite3.Row | tuple[Any, ...]) -> Message:
 
 
 class _OneProcessLease:
-    """One bridge per SQLite file: its own session lock is the whole lease."""
+    """One bridge per SQLite file: its own session lock is the whole lease.
+
+    The same object serves every turn as the lease and as its context manager
+    (a plain class: a generator-based one costs a turn far more, for nothing).
+    """
 
     async def take(self) -> ChatSession | None:
         return None
+
+    async def __aenter__(self) -> _OneProcessLease:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        return None
+
+
+_ONE_PROCESS_LEASE = _OneProcessLease()
 
 
 def time_ordered_id() -> str:
@@ -648,9 +660,8 @@ class SqliteStore:
 
     # -- several bridges: one process per SQLite file, so nothing to share ---------------
 
-    @contextlib.asynccontextmanager
-    async def turn_lease(self, session_pk: int) -> AsyncIterator[_OneProcessLease]:
-        yield _OneProcessLease()
+    def turn_lease(self, session_pk: int) -> _OneProcessLease:
+        return _ONE_PROCESS_LEASE
 
     def relay_turn(self, question_pk: int, events: TurnEvents) -> None:
         return None

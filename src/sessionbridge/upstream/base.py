@@ -8,7 +8,7 @@ hold for every protocol (the lock, ordering, admission, failure bookkeeping,
 empty-reply retries, idempotency) and talks to adapters only through
 :class:`AIServer` and the :class:`TurnContext` it hands them.
 
-Lower-layer errors are mapped here, once: :func:`mapped_errors` turns
+Lower-layer errors are mapped here, once: :class:`observed` turns
 ``aiohttp`` and timeout errors into the bridge's upstream errors, and
 :func:`read_limited` reads an answer without ever holding more than the
 configured limit (an AI server may answer with an endless body).
@@ -16,10 +16,9 @@ configured limit (an AI server may answer with an endless body).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -114,45 +113,57 @@ def no_observer(endpoint: str, outcome: str, seconds: float) -> None:
     return None
 
 
-@contextlib.contextmanager
-def mapped_errors(endpoint: str) -> Iterator[None]:
-    """Turn the HTTP client's errors into the bridge's upstream errors."""
-    try:
-        yield
-    except UpstreamFailure:
-        raise
-    except TimeoutError as exc:
-        raise UpstreamTimeout(f"{endpoint} did not answer in time") from exc
-    except aiohttp.ClientConnectionError as exc:
-        raise UpstreamUnavailable(f"{endpoint}: {type(exc).__name__}") from exc
-    except aiohttp.ClientError as exc:
-        raise UpstreamError(f"{endpoint}: {type(exc).__name__}") from exc
+class observed:
+    """Time one call, report its outcome to metrics and log one line; map its errors.
 
-
-@contextlib.asynccontextmanager
-async def observed(
-    endpoint: str, observe: CallObserver, session_id: str = "-"
-) -> AsyncIterator[None]:
-    """Time one call, report its outcome to metrics and log one line.
-
-    ``endpoint`` is the metrics label: the path without its leading slash.
+    ``endpoint`` is the metrics label: the path without its leading slash. A
+    plain class rather than a generator-based context manager: it wraps every
+    AI-server call, and the generator's machinery cost a turn more than all
+    the rest of this.
     """
-    started = time.monotonic()
-    outcome = "error"
-    try:
-        with mapped_errors("/" + endpoint.lstrip("/")):
-            yield
+
+    __slots__ = ("_endpoint", "_observe", "_session_id", "_started")
+
+    def __init__(self, endpoint: str, observe: CallObserver, session_id: str = "-") -> None:
+        self._endpoint = endpoint
+        self._observe = observe
+        self._session_id = session_id
+        self._started = 0.0
+
+    async def __aenter__(self) -> None:
+        self._started = time.monotonic()
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: object
+    ) -> None:
         outcome = "ok"
-    except UpstreamFailure as exc:
-        outcome = "session_lost" if isinstance(exc, SessionLost) else exc.code
-        raise
-    finally:
-        seconds = time.monotonic() - started
-        observe(endpoint, outcome, seconds)
+        mapped: UpstreamFailure | None = None
+        if exc is not None:
+            mapped = exc if isinstance(exc, UpstreamFailure) else _mapped(exc, self._endpoint)
+            if mapped is None:
+                outcome = "error"
+            else:
+                outcome = "session_lost" if isinstance(mapped, SessionLost) else mapped.code
+        seconds = time.monotonic() - self._started
+        self._observe(self._endpoint, outcome, seconds)
         log.info(
             "event=upstream_call endpoint=%s session=%s outcome=%s ms=%.1f",
-            endpoint, session_id, outcome, seconds * 1000,
+            self._endpoint, self._session_id, outcome, seconds * 1000,
         )
+        if mapped is not None and mapped is not exc:
+            raise mapped from exc
+
+
+def _mapped(exc: BaseException, endpoint: str) -> UpstreamFailure | None:
+    """The bridge's error for a lower layer's, or None for one that is not the AI server's."""
+    where = "/" + endpoint.lstrip("/")
+    if isinstance(exc, TimeoutError):
+        return UpstreamTimeout(f"{where} did not answer in time")
+    if isinstance(exc, aiohttp.ClientConnectionError):
+        return UpstreamUnavailable(f"{where}: {type(exc).__name__}")
+    if isinstance(exc, aiohttp.ClientError):
+        return UpstreamError(f"{where}: {type(exc).__name__}")
+    return None
 
 
 def refuse_redirect(response: aiohttp.ClientResponse, endpoint: str) -> None:
@@ -165,8 +176,11 @@ def refuse_redirect(response: aiohttp.ClientResponse, endpoint: str) -> None:
 async def read_limited(response: aiohttp.ClientResponse, limit: int, endpoint: str) -> bytes:
     """The whole body, refused as soon as it passes ``limit`` bytes."""
     declared = response.content_length
-    if declared is not None and declared > limit:
-        raise UpstreamError(f"{endpoint} answered {declared} bytes, over the limit of {limit}")
+    if declared is not None:
+        if declared > limit:
+            raise UpstreamError(f"{endpoint} answered {declared} bytes, over the limit of {limit}")
+        # A declared length within the limit is what the parser reads, no more.
+        return await response.read()
     chunks: list[bytes] = []
     size = 0
     async for chunk in response.content.iter_chunked(16 * 1024):
