@@ -15,7 +15,11 @@ from sessionbridge.metrics import Metrics
 from sessionbridge.records import ApiKey, TranscriptTurn
 from sessionbridge.schema import apply_migrations
 from sessionbridge.store import SqliteStore
-from sessionbridge.upstream.sessions import SessionServerClient, recovery_scenario
+from sessionbridge.upstream.sessions import (
+    SessionServerClient,
+    recent_transcript,
+    recovery_scenario,
+)
 
 
 class ScriptedAI(SessionServerClient):
@@ -196,3 +200,12 @@ async def test_an_answer_that_cannot_be_stored_leaves_its_question_failed(
     assert session is not None
     messages = await store.list_messages(session.pk, 10, None)
     assert [(m.role, m.status) for m in messages] == [("user", "failed")]
+
+
+def test_a_recovery_transcript_keeps_the_newest_turns_that_fit_oldest_first() -> None:
+    turns = [TranscriptTurn(f"q{n}", f"a{n}") for n in range(4)]
+
+    assert recent_transcript(turns, 8) == turns[2:]  # two turns of 4 characters
+    assert recent_transcript(turns, 10_000) == turns
+    assert recent_transcript(turns, 3) == []  # not even the newest fits
+    assert recent_transcript(turns, 0) == []

@@ -78,25 +78,6 @@ def test_a_stale_migration_lock_of_a_dead_process_is_broken(tmp_path: Path) -> N
     assert apply_migrations(str(path)) == 0
 
 
-async def test_recent_turns_keep_the_newest_within_budget(tmp_path: Path) -> None:
-    path = str(tmp_path / "t.db")
-    apply_migrations(path)
-    store = await SqliteStore.open(path)
-    try:
-        key = await store.create_key("k", b"h")
-        session = await store.create_session(key.id, None, "s", 100)
-        for n in range(4):
-            question = await store.begin_turn(session.pk, f"q{n}")
-            await store.finish_turn(session.pk, question.pk, f"a{n}", "reused")
-
-        turns = await store.recent_turns(session.pk, budget_chars=8)  # two turns of 4 chars
-
-        assert [(t.user, t.assistant) for t in turns] == [("q2", "a2"), ("q3", "a3")]
-        assert await store.recent_turns(session.pk, 0) == []
-    finally:
-        await store.close()
-
-
 async def test_idempotency_outcomes_are_purged_after_their_time(tmp_path: Path) -> None:
     from sessionbridge.records import IdempotencyStart
 

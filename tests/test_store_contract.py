@@ -401,23 +401,6 @@ async def test_concurrent_messages_on_one_session_get_distinct_consecutive_seqs(
     assert read is not None and read.message_count == 20
 
 
-async def test_recent_turns_keep_the_newest_that_fit_the_budget_oldest_first(
-    store: Store,
-) -> None:
-    _key, session = await key_and_session(store)
-    for n in range(4):
-        await answered_turn(store, session, f"q{n}", f"a{n}")
-    failed = await store.begin_turn(session.pk, "never answered")
-    await store.fail_turn(session.pk, failed.pk)
-
-    turns = await store.recent_turns(session.pk, budget_chars=8)  # two turns of 4 chars
-
-    assert [(t.user, t.assistant) for t in turns] == [("q2", "a2"), ("q3", "a3")]
-    assert len(await store.recent_turns(session.pk, 10_000)) == 4
-    assert await store.recent_turns(session.pk, 3) == []  # not even the newest fits
-    assert await store.recent_turns(session.pk, 0) == []
-
-
 async def test_history_lists_answered_turns_from_a_seq_with_their_usage(store: Store) -> None:
     _key, session = await key_and_session(store)
     await answered_turn(store, session, "q0", "a0")

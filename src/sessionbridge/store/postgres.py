@@ -43,7 +43,6 @@ from ..records import (
     IdempotencyRecord,
     IdempotencyStart,
     Message,
-    TranscriptTurn,
     Usage,
 )
 from ..turn_events import ENDINGS, TurnEvent, TurnEvents
@@ -415,28 +414,6 @@ class PostgresStore:
             session_pk, user_seq + 1,
         )
         return None if row is None else _message(row)
-
-    async def recent_turns(self, session_pk: int, budget_chars: int) -> list[TranscriptTurn]:
-        """The most recent answered turns, oldest first, whose text fits the budget.
-
-        Turns are taken newest first until the next one would not fit, so the
-        newest context always survives; the running total is summed by the
-        server, so only the turns that fit cross the network.
-        """
-        if budget_chars <= 0:
-            return []
-        rows = await self._fetch(
-            "SELECT user_text, assistant_text FROM ("
-            "  SELECT q.content AS user_text, a.content AS assistant_text, a.seq,"
-            "         sum(length(q.content) + length(a.content)) OVER (ORDER BY a.seq DESC) AS used"
-            "    FROM messages AS a"
-            "    JOIN messages AS q ON q.session_pk = a.session_pk AND q.seq = a.seq - 1"
-            "   WHERE a.session_pk = $1 AND a.role = 'assistant' AND q.role = 'user'"
-            "     AND q.status = 'answered'"
-            ") AS turns WHERE used <= $2 ORDER BY seq",
-            session_pk, budget_chars,
-        )
-        return [TranscriptTurn(user_text, assistant_text) for user_text, assistant_text in rows]
 
     async def history(self, session_pk: int, from_seq: int = 0) -> list[HistoryTurn]:
         """The answered turns whose question is at ``from_seq`` or later, oldest first."""

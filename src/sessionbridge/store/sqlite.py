@@ -33,7 +33,6 @@ from ..records import (
     Message,
     MessageStatus,
     Role,
-    TranscriptTurn,
     Usage,
     utc_now,
 )
@@ -389,32 +388,6 @@ class SqliteStore:
             (session_pk, user_seq + 1),
         )
         return None if row is None else _message(row)
-
-    async def recent_turns(self, session_pk: int, budget_chars: int) -> list[TranscriptTurn]:
-        """The most recent answered turns, oldest first, whose text fits the budget.
-
-        Turns are taken newest first until the next one would not fit, so the
-        newest context always survives. Failed questions have no answer and
-        are left out.
-        """
-        if budget_chars <= 0:
-            return []
-        turns: list[TranscriptTurn] = []
-        used = 0
-        async with self._reader.execute(
-            "SELECT q.content, a.content FROM messages AS a"
-            " JOIN messages AS q ON q.session_pk = a.session_pk AND q.seq = a.seq - 1"
-            " WHERE a.session_pk = ? AND a.role = 'assistant' AND q.role = 'user'"
-            " AND q.status = 'answered' ORDER BY a.seq DESC",
-            (session_pk,),
-        ) as cursor:
-            async for user_text, assistant_text in cursor:
-                used += len(user_text) + len(assistant_text)
-                if used > budget_chars:
-                    break
-                turns.append(TranscriptTurn(user_text, assistant_text))
-        turns.reverse()
-        return turns
 
     async def history(self, session_pk: int, from_seq: int = 0) -> list[HistoryTurn]:
         """The answered turns whose question is at ``from_seq`` or later, oldest first."""
