@@ -81,7 +81,10 @@ def main(argv: list[str] | None = None) -> int:
         try:
             return bridge.wait()
         except KeyboardInterrupt:
-            # Ctrl-C reached the bridge too (same process group): let it finish.
+            # Ctrl-C in a terminal reaches the bridge too (same process group);
+            # an interrupt sent to this process alone must stop it as well.
+            if bridge.poll() is None:
+                bridge.send_signal(signal.SIGTERM)
             try:
                 return bridge.wait(timeout=60)
             except subprocess.TimeoutExpired:
