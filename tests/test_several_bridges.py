@@ -231,6 +231,46 @@ async def test_an_idempotency_key_in_progress_on_one_bridge_is_409_on_the_other(
     assert ai_state.calls["chat"] == 1
 
 
+async def test_a_streamed_idempotent_retry_on_another_bridge_follows_the_turn_running_there(
+    cluster: Cluster, ai_state: DevServerState
+) -> None:
+    a, b = await cluster.start(), await cluster.start()
+    session_id = await cluster.new_session(a)
+    ai_state.delay = 1.5
+    key = {"Idempotency-Key": "streamed-once"}
+
+    async def stream(bridge: Bridge) -> Stream:
+        async with cluster.http.post(
+            f"{bridge.url}/v1/sessions/{session_id}/messages", json={"content": "hello"},
+            headers=cluster.headers({**key, **STREAM}),
+        ) as response:
+            return await read_events(response)
+
+    first = asyncio.create_task(stream(a))
+    await cluster.wait_messages(b, session_id, 1)  # the question is stored: in progress on A
+    assert not first.done()
+    followed = await stream(b)
+    own = await first
+
+    assert own.names[0] == followed.names[0] == "turn.started"
+    assert own.names[-1] == followed.names[-1] == "turn.completed"
+    started, completed = own.events[0].data, own.events[-1].data
+    assert followed.events[0].data["user_message"]["id"] == started["user_message"]["id"]
+    assert followed.events[-1].data == completed
+    # B was following while A's turn ran, not replaying it afterwards.
+    assert followed.events[0].at < own.events[-1].at
+    messages = await cluster.messages(b, session_id)
+    assert [m["role"] for m in messages] == ["user", "assistant"]
+    assert followed.text == own.text == messages[1]["content"] == completed["reply"]["content"]
+    assert ai_state.calls["chat"] == 1
+
+    status, again, _ = await cluster.send(b, session_id, "hello", key)
+    assert (status, again) == (200, completed)
+    assert again["user_message"]["id"] == messages[0]["id"]
+    assert again["reply"]["id"] == messages[1]["id"]
+    assert ai_state.calls["chat"] == 1
+
+
 async def test_a_key_revoked_through_one_bridge_is_refused_by_the_other_within_the_cache_time(
     cluster: Cluster,
 ) -> None:

@@ -186,6 +186,14 @@ class _ReplyGate:
         return "".join(self.sent)
 
 
+def _ended(starting: asyncio.Future[Turn]) -> bool:
+    """Whether the turn an idempotency key started has ended its events."""
+    return (
+        starting.done() and not starting.cancelled() and starting.exception() is None
+        and starting.result().events.ended
+    )
+
+
 class Conversations:
     """Answers messages; knows the store, the AI server and the lock registry, not HTTP."""
 
@@ -301,6 +309,12 @@ class Conversations:
         fingerprint = request_fingerprint(session_id, content, max_tokens)
         slot = (key.id, idempotency_key)
         running = self._running_keys.get(slot)
+        if running is not None and _ended(running[1]):
+            # Its turn has ended, so its outcome is stored (a turn ends its
+            # events only after that); only the settling here lags behind (a
+            # turn followed from another bridge reads its outcome back): the
+            # store answers, as it would a moment later.
+            running = None
         if running is not None:
             if running[0] != fingerprint:
                 raise IdempotencyMismatch("this Idempotency-Key was used with another body")
