@@ -87,6 +87,19 @@ class Turn:
     question: Message | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class _Ask:
+    """One message to answer, as the client sent it."""
+
+    key: ApiKey
+    session_id: str
+    content: str
+    max_tokens: int | None
+    idempotency: IdempotencyStart | None = None
+    # A failed question of the same Idempotency-Key, taken up again.
+    retry_message_pk: int | None = None
+
+
 def request_fingerprint(session_id: str, content: str, max_tokens: int | None) -> str:
     canonical = json.dumps([session_id, content, max_tokens], ensure_ascii=True)
     return hashlib.sha256(canonical.encode()).hexdigest()
@@ -305,7 +318,7 @@ class Conversations:
         follows it instead of being refused (streaming clients).
         """
         if idempotency_key is None:
-            return await self._start(key, session_id, content, max_tokens, None, None)
+            return await self._start(_Ask(key, session_id, content, max_tokens))
         fingerprint = request_fingerprint(session_id, content, max_tokens)
         slot = (key.id, idempotency_key)
         running = self._running_keys.get(slot)
@@ -377,7 +390,7 @@ class Conversations:
             retry_message_pk = record.user_message_pk
         idempotency = IdempotencyStart(key.id, idempotency_key, fingerprint, time.time())
         return await self._start(
-            key, session_id, content, max_tokens, idempotency, retry_message_pk
+            _Ask(key, session_id, content, max_tokens, idempotency, retry_message_pk)
         )
 
     async def _follow_elsewhere(
@@ -481,25 +494,14 @@ class Conversations:
         events = stored_events(question, answer, result.public(), UpstreamError(""))
         return Turn(events, outcome, question)
 
-    async def _start(
-        self,
-        key: ApiKey,
-        session_id: str,
-        content: str,
-        max_tokens: int | None,
-        idempotency: IdempotencyStart | None,
-        retry_message_pk: int | None,
-    ) -> Turn:
+    async def _start(self, ask: _Ask) -> Turn:
         loop = asyncio.get_running_loop()
         turn = Turn(TurnEvents(), loop.create_future())
         turn.outcome.add_done_callback(_consume)
         stored: asyncio.Future[Message] = loop.create_future()
         stored.add_done_callback(_consume)
         task = asyncio.create_task(
-            self._run_turn(
-                key, session_id, content, max_tokens, idempotency, retry_message_pk, turn, stored
-            ),
-            name=f"turn-{session_id}",
+            self._run_turn(ask, turn, stored), name=f"turn-{ask.session_id}"
         )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -510,36 +512,24 @@ class Conversations:
 
     # -- one turn --------------------------------------------------------------------
 
-    async def _run_turn(
-        self,
-        key: ApiKey,
-        session_id: str,
-        content: str,
-        max_tokens: int | None,
-        idempotency: IdempotencyStart | None,
-        retry_message_pk: int | None,
-        turn: Turn,
-        stored: asyncio.Future[Message],
-    ) -> None:
+    async def _run_turn(self, ask: _Ask, turn: Turn, stored: asyncio.Future[Message]) -> None:
         try:
             # The message's place in its session's line among every bridge on
             # the database is taken on arrival, before it waits here.
-            place = (await self._context(key, session_id)).pk
-            async with self._store.turn_lease(place) as lease, self.locks.hold(session_id):
+            place = (await self._context(ask.key, ask.session_id)).pk
+            async with self._store.turn_lease(place) as lease, self.locks.hold(ask.session_id):
                 # Read under the lock: the turn before may have changed the AI
                 # session. On a database shared by bridges the cached row may be
                 # another bridge's past: the lease hands over the row as it is.
                 fresh = await lease.take()
                 if fresh is not None:
                     self._remember(fresh)
-                session = await self._context(key, session_id)
+                session = await self._context(ask.key, ask.session_id)
                 if self.inflight >= self._settings.max_inflight:
                     raise Overloaded(f"{self.inflight} turns are already in flight")
                 self.inflight += 1
                 try:
-                    await self._answer(
-                        session, content, max_tokens, idempotency, retry_message_pk, turn, stored
-                    )
+                    await self._answer(session, ask, turn, stored)
                 finally:
                     self.inflight -= 1
         except BaseException as exc:
@@ -556,20 +546,14 @@ class Conversations:
                 raise
 
     async def _answer(
-        self,
-        session: ChatSession,
-        content: str,
-        max_tokens: int | None,
-        idempotency: IdempotencyStart | None,
-        retry_message_pk: int | None,
-        turn: Turn,
-        stored: asyncio.Future[Message],
+        self, session: ChatSession, ask: _Ask, turn: Turn, stored: asyncio.Future[Message]
     ) -> None:
-        tokens = self._tokens(session, max_tokens)
-        await self._ai.check_fits(session, content, tokens)
+        tokens = self._tokens(session, ask.max_tokens)
+        await self._ai.check_fits(session, ask.content, tokens)
         try:
             question = await self._store.begin_turn(
-                session.pk, content, retry_message_pk=retry_message_pk, idempotency=idempotency
+                session.pk, ask.content, retry_message_pk=ask.retry_message_pk,
+                idempotency=ask.idempotency,
             )
         except SessionGone:
             self.forget(session.id)
@@ -582,7 +566,7 @@ class Conversations:
             turn.events.started(question)
             if not stored.done():
                 stored.set_result(question)
-            await self._complete(session, question, content, tokens, idempotency, turn)
+            await self._complete(session, question, ask.content, tokens, ask.idempotency, turn)
         finally:
             del self._running[question.id]
             self._store.end_relay(question.pk)
