@@ -22,7 +22,7 @@ from . import events
 MAX_PAGE = 200
 DEFAULT_PAGE = 50
 MAX_IDEMPOTENCY_KEY = 255
-MAX_POSITION = 2**63 - 1  # SQLite's largest INTEGER
+MAX_POSITION = 2**63 - 1  # the largest row position either store holds (a 64-bit integer)
 
 routes = web.RouteTableDef()
 
