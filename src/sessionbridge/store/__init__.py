@@ -3,6 +3,7 @@
     base.py          the Store interface and the errors every store raises
     sqlite.py        SQLite: aiosqlite reads, one group-committing writer thread
     group_commit.py  that writer thread
+    ids.py           ids of stored rows (time-ordered UUIDs)
     postgres.py      PostgreSQL: asyncpg and a connection pool (the ``postgres`` extra)
     keycache.py      live API keys recently read
 

@@ -47,8 +47,8 @@ from ..records import (
 )
 from ..turn_events import ENDINGS, TurnEvent, TurnEvents
 from .base import DuplicateKeyName, SessionGone
+from .ids import time_ordered_id
 from .keycache import KeyCache
-from .sqlite import time_ordered_id
 
 log = logging.getLogger(__name__)
 

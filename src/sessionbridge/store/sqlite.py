@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import os
 import sqlite3
@@ -39,6 +38,8 @@ from ..records import (
 from ..turn_events import TurnEvent, TurnEvents
 from .base import DuplicateKeyName, SessionGone
 from .group_commit import GroupCommitWriter
+from .ids import time_ordered_id
+from .keycache import KeyCache
 from .sqlite_faults import MappedReader
 
 log = logging.getLogger(__name__)
@@ -93,17 +94,6 @@ class _OneProcessLease:
 _ONE_PROCESS_LEASE = _OneProcessLease()
 
 
-def time_ordered_id() -> str:
-    """A random UUID whose first 48 bits are the time in milliseconds (the UUIDv7 layout).
-
-    New rows then land at the right edge of the id index instead of on a
-    random page of it: one page written per commit rather than one per row.
-    """
-    value = (time.time_ns() // 1_000_000) << 80 | int.from_bytes(os.urandom(10))
-    value = value & ~(0xF << 76) | (0x7 << 76)  # version 7
-    value = value & ~(0x3 << 62) | (0x2 << 62)  # RFC 4122 variant
-    digits = f"{value:032x}"
-    return f"{digits[:8]}-{digits[8:12]}-{digits[12:16]}-{digits[16:20]}-{digits[20:]}"
 
 
 def _pragmas(synchronous: str) -> list[str]:
@@ -131,7 +121,6 @@ def _pragmas(synchronous: str) -> list[str]:
 CHECKPOINT_INTERVAL = 1.0
 CHECKPOINT_BATCHES = 400
 CHECKPOINT_POLL = 0.25
-KEY_CACHE_SIZE = 1024
 # Below this much free space where the database lives, /readyz says the disk
 # is full: a few dozen turns' WAL frames, and an operator's emergency anyway.
 MIN_FREE_BYTES = 1024 * 1024
@@ -177,15 +166,10 @@ class SqliteStore:
         self._reader = MappedReader(reader)
         self._checkpointer = checkpointer
         self._path = path
-        # Live keys seen recently, by token hash, with the time they were read.
         # Every request needs its key; a read through the reader thread costs
         # the event loop a wake-up and a turn of the GIL, the largest single
-        # cost of a turn under load. A revocation through this store clears
-        # the cache at once; one by another process (`keys revoke`) is seen
-        # once the entry is older than key_cache_seconds. Unknown tokens are
-        # never cached.
-        self._key_cache_seconds = key_cache_seconds
-        self._keys: dict[bytes, tuple[ApiKey, float]] = {}
+        # cost of a turn under load (keycache.py says what is trusted how long).
+        self._keys = KeyCache(key_cache_seconds)
         self._checkpoints = asyncio.create_task(self._checkpoint_forever(), name="wal-checkpoint")
 
     @classmethod
@@ -295,23 +279,16 @@ class SqliteStore:
         return bool(rows)
 
     async def key_for_token_hash(self, token_hash: bytes) -> ApiKey | None:
-        now = time.monotonic()
         cached = self._keys.get(token_hash)
-        if cached is not None and now - cached[1] < self._key_cache_seconds:
-            return cached[0]
+        if cached is not None:
+            return cached
         row = await self._fetchone(
             "SELECT id, name, created_at, revoked_at FROM api_keys"
             " WHERE token_hash = ? AND revoked_at IS NULL",
             (token_hash,),
         )
-        if row is None:
-            self._keys.pop(token_hash, None)
-            return None
-        key = ApiKey(*row)
-        if self._key_cache_seconds > 0:
-            if len(self._keys) >= KEY_CACHE_SIZE:
-                self._keys.clear()  # a crude bound; live keys are few
-            self._keys[token_hash] = (key, now)
+        key = None if row is None else ApiKey(*row)
+        self._keys.put(token_hash, key)
         return key
 
     # -- chat sessions ------------------------------------------------------
@@ -435,7 +412,10 @@ class SqliteStore:
         if row is None:
             raise SessionGone(f"chat session {session_pk} is gone")
         pk, seq = row
-        return dataclasses.replace(draft, pk=pk, seq=seq)
+        return Message(
+            pk, draft.id, seq, draft.role, draft.content, draft.status, draft.created_at,
+            draft.ai_session, draft.usage, None, draft.piece_ends,
+        )
 
     @staticmethod
     def _draft(
