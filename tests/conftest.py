@@ -4,11 +4,12 @@ talking to the reference AI server on another real loopback socket."""
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import ClientResponse, web
 from aiohttp.test_utils import TestClient, TestServer
@@ -23,10 +24,28 @@ from sessionbridge.tokens import hash_token, new_token
 from sessionbridge.upstream.reference_sessions import DevServerState, create_devserver_app
 
 from .postgres import migrated_postgres_dsn, own_postgres, postgres_dsn, postgres_server
+from .processes import Processes
 
 __all__ = ["migrated_postgres_dsn", "own_postgres", "postgres_dsn", "postgres_server"]  # fixtures
 
 BridgeClient = TestClient[web.Request, web.Application]
+
+
+@pytest.fixture
+def procs(tmp_path: Path) -> Iterator[Processes]:
+    """Real processes for the test; teardown kills and reaps whatever still runs."""
+    registry = Processes(tmp_path)
+    try:
+        yield registry
+    finally:
+        registry.close()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    """A client for bridges running as processes."""
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as session:
+        yield session
 
 
 @pytest.fixture

@@ -16,7 +16,6 @@ import sqlite3
 import subprocess
 import sys
 import tomllib
-from collections.abc import AsyncIterator, Iterator
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,21 +98,6 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Installed:
     workdir = base / "work"
     workdir.mkdir()
     return Installed(source, venv, workdir)
-
-
-@pytest.fixture
-def procs(tmp_path: Path) -> Iterator[Processes]:
-    registry = Processes(tmp_path)
-    try:
-        yield registry
-    finally:
-        registry.close()
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as session:
-        yield session
 
 
 def test_every_committed_subpackage_is_shipped(installed: Installed) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -110,13 +110,6 @@ class Cluster:
             assert time.monotonic() < deadline, messages
             await asyncio.sleep(0.05)
         return messages
-
-
-@pytest.fixture
-def procs(tmp_path: Path) -> Iterator[Processes]:
-    registry = Processes(tmp_path)
-    yield registry
-    registry.close()
 
 
 @pytest.fixture

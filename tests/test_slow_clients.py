@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import resource
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -30,15 +30,6 @@ FD_LIMIT = 256
 STALLED = 300
 HEADER_TIMEOUT = 2.0
 SERVED_WITHIN = 8.0
-
-
-@pytest.fixture
-def procs(tmp_path: Path) -> Iterator[Processes]:
-    registry = Processes(tmp_path)
-    try:
-        yield registry
-    finally:
-        registry.close()
 
 
 def low_fd_limit() -> None:
