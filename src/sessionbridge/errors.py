@@ -1,4 +1,4 @@
-"""The error family of the bridge and the middleware that turns errors into problem+json.
+"""The error family of the bridge: every error a client may see, free of any transport.
 
     BridgeError                    every error a client may see; carries status and code
     ├── InvalidJSON                400 invalid_json
@@ -24,23 +24,16 @@
                                    conversation recovers, a client sees it only
                                    as upstream_error if recovery itself loses it
 
-Domain code raises these; only ``problem_middleware`` builds error bodies.
+Domain code raises these. This module imports nothing from below (no HTTP
+library, no database driver): lower layers map their own errors into this
+family where they are caught (``upstream/http.py``, the stores), and the web
+faces turn them into their bodies (``web/problems.py`` for problem+json).
 """
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Any
-
-from aiohttp import web
-from aiohttp.typedefs import Handler
-
-from .jsoncodec import json_response
-
-log = logging.getLogger(__name__)
-
-PROBLEM_CONTENT_TYPE = "application/problem+json"
 
 
 @dataclass(frozen=True)
@@ -63,6 +56,21 @@ class BridgeError(Exception):
 
     def extra(self) -> dict[str, Any]:
         return {}
+
+    def describe(self) -> dict[str, Any]:
+        """What a client is told: title, status, detail, code and any extra fields.
+
+        The data of a ``turn.failed`` event, and the members of a problem+json
+        body (which adds its ``type``).
+        """
+        body: dict[str, Any] = {
+            "title": self.title,
+            "status": self.status,
+            "detail": self.detail,
+            "code": self.code,
+        }
+        body.update(self.extra())
+        return body
 
     def headers(self) -> dict[str, str]:
         if self.retry_after is None:
@@ -158,60 +166,6 @@ class UpstreamTimeout(UpstreamFailure):
 class SessionLost(UpstreamFailure):
     # Reaches a client only when a freshly created AI session is lost at once.
     status, code, title = 502, "upstream_error", "The AI server lost the session"
-
-
-def problem_body(error: BridgeError) -> dict[str, Any]:
-    """The RFC 9457 problem object of ``error`` (also the data of a ``turn.failed`` event)."""
-    body: dict[str, Any] = {
-        "type": f"https://sessionbridge.dev/problems/{error.code}",
-        "title": error.title,
-        "status": error.status,
-        "detail": error.detail,
-        "code": error.code,
-    }
-    body.update(error.extra())
-    return body
-
-
-def problem_response(error: BridgeError) -> web.Response:
-    body = problem_body(error)
-    return json_response(
-        body, status=error.status, headers=error.headers(), content_type=PROBLEM_CONTENT_TYPE
-    )
-
-
-def _from_http_exception(exc: web.HTTPException) -> BridgeError:
-    if exc.status == 404:
-        return NotFound("no such resource")
-    if exc.status == 405:
-        allowed = sorted(getattr(exc, "allowed_methods", ()))
-        return MethodNotAllowed(f"allowed: {', '.join(allowed)}")
-    if exc.status == 413:
-        return TooLarge("request body exceeds the configured limit")
-    if exc.status == 400:
-        return InvalidJSON(exc.reason)
-    error = BridgeError(exc.reason)
-    error.status, error.code, error.title = exc.status, "http_error", exc.reason
-    return error
-
-
-@web.middleware
-async def problem_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    try:
-        return await handler(request)
-    except BridgeError as error:
-        return problem_response(error)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        response = problem_response(_from_http_exception(exc))
-        if exc.status == 405:
-            response.headers["Allow"] = exc.headers.get("Allow", "")
-        return response
-    except Exception:
-        # Never a traceback to the client; the log keeps it for the operator.
-        log.exception("event=unhandled_error method=%s path=%s", request.method, request.path)
-        return problem_response(BridgeError("the bridge failed unexpectedly"))
 
 
 def error_from_code(code: str | None, detail: str) -> BridgeError:

@@ -16,13 +16,9 @@ back as a float rather than an int, and no field accepts either.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
 from typing import Any
 
 import orjson
-from aiohttp import web
-
-JSON_CONTENT_TYPE = "application/json"
 
 
 def _bounded_int(digits: str) -> int | float:
@@ -41,19 +37,3 @@ def loads(raw: bytes) -> Any:
 
 def dumps(value: Any) -> bytes:
     return orjson.dumps(value)
-
-
-def json_response(
-    data: Any,
-    *,
-    status: int = 200,
-    headers: Mapping[str, str] | None = None,
-    content_type: str = JSON_CONTENT_TYPE,
-) -> web.Response:
-    return web.Response(
-        body=orjson.dumps(data),
-        status=status,
-        headers=headers,
-        content_type=content_type,
-        charset="utf-8",
-    )

@@ -1,4 +1,4 @@
-"""The events of one turn, as a client following it sees them (contract §6), free of HTTP.
+"""The events of one turn, as a client following it sees them (docs/streaming.md), free of HTTP.
 
 A running turn appends to its :class:`TurnEvents`; any number of readers
 follow it, each at its own pace, from the start or after a given delta. The
@@ -15,7 +15,7 @@ import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-from .errors import BridgeError, problem_body
+from .errors import BridgeError
 from .records import Message
 
 STARTED = "turn.started"
@@ -139,7 +139,8 @@ class TurnEvents:
             self._append(TurnEvent(COMPLETED, result))
 
     def failed(self, error: BridgeError) -> None:
-        self._append(TurnEvent(FAILED, problem_body(error)))
+        # The error's description; each face writes it in its own shape.
+        self._append(TurnEvent(FAILED, error.describe()))
 
     async def follow(self, after_delta: int = 0) -> AsyncIterator[TurnEvent]:
         """Every event from the start (deltas after ``after_delta``), then live ones, to the end."""

@@ -1,4 +1,4 @@
-"""The web face of the bridge: the page people use from a browser (contract §7).
+"""The web face of the bridge: the page people use from a browser (docs/page.md).
 
     page.py    GET / and /static/...: the page, its security headers and caching
     static/    index.html, app.js, app.css (plain JavaScript, no build step)

@@ -12,12 +12,12 @@ from typing import Any
 from aiohttp import web
 
 from .. import jsoncodec
-from ..appkeys import API_KEY, CONVERSATIONS, SETTINGS, STORE
 from ..config import Settings
 from ..errors import FieldError, InvalidField, InvalidJSON, NotFound
-from ..jsoncodec import json_response
 from ..records import ApiKey, ChatSession, is_storable
 from . import events
+from .appkeys import API_KEY, CONVERSATIONS, SETTINGS, STORE
+from .jsonhttp import json_response
 
 MAX_PAGE = 200
 DEFAULT_PAGE = 50

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from .config import Settings
-from .conversation import Conversations
-from .metrics import Metrics
-from .readiness import ReadinessProbe
-from .records import ApiKey
-from .store import Store
-from .upstream import AIServer
+from ..config import Settings
+from ..conversation import Conversations
+from ..metrics import Metrics
+from ..readiness import ReadinessProbe
+from ..records import ApiKey
+from ..store import Store
+from ..upstream import AIServer
 
 SETTINGS = web.AppKey("settings", Settings)
 METRICS = web.AppKey("metrics", Metrics)

@@ -5,9 +5,9 @@ from __future__ import annotations
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from ..errors import Unauthorized
+from ..tokens import hash_token
 from .appkeys import API_KEY, STORE
-from .errors import Unauthorized
-from .tokens import hash_token
 
 PROTECTED_PREFIX = "/v1"
 

@@ -30,7 +30,7 @@ from typing import Any
 
 from aiohttp import web
 
-from .jsoncodec import dumps
+from ..jsoncodec import dumps
 
 log = logging.getLogger(__name__)
 

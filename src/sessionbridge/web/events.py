@@ -1,4 +1,4 @@
-"""A turn's events as Server-Sent Events (contract §6).
+"""A turn's events as Server-Sent Events (docs/streaming.md).
 
 The stream is written with aiohttp's own ``StreamResponse``: the format is a
 few lines per event, and what matters here (resuming after ``Last-Event-ID``,
@@ -17,7 +17,8 @@ import logging
 from aiohttp import web
 
 from .. import jsoncodec
-from ..turn_events import ENDINGS, TurnEvent, TurnEvents
+from ..turn_events import ENDINGS, FAILED, TurnEvent, TurnEvents
+from .problems import problem_from
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,8 @@ def encode(event: TurnEvent) -> bytes:
     lines = [b"event: " + event.name.encode()]
     if event.id is not None:
         lines.append(b"id: " + str(event.id).encode())
-    lines.append(b"data: " + jsoncodec.dumps(event.data))
+    data = problem_from(event.data) if event.name == FAILED else event.data
+    lines.append(b"data: " + jsoncodec.dumps(data))
     return b"\n".join(lines) + b"\n\n"
 
 

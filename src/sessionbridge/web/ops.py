@@ -7,9 +7,9 @@ import time
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from ..appkeys import METRICS, READINESS
 from ..errors import NotReady
-from ..jsoncodec import json_response
+from .appkeys import METRICS, READINESS
+from .jsonhttp import json_response
 
 routes = web.RouteTableDef()
 

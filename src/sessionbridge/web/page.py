@@ -16,7 +16,8 @@ from importlib import resources
 
 from aiohttp import web
 
-from ..errors import NotFound, problem_response
+from ..errors import NotFound
+from .problems import problem_response
 
 STATIC_PREFIX = "/static/"
 INDEX_NAME = "index.html"

@@ -10,7 +10,7 @@ const KEY_STORE = "sessionbridge.key";
 // ai_session and how its reply arrived, kept per reply id for this tab.
 const TURNS_STORE = "sessionbridge.turns";
 // Idempotency-Key of each failed question, so that Retry answers that same
-// question instead of adding a second copy of it (contract §3).
+// question instead of adding a second copy of it (docs/api.md).
 const RETRY_STORE = "sessionbridge.retry";
 const SESSION_PAGE = 20;
 const MESSAGE_PAGE = 200;
@@ -170,7 +170,7 @@ async function callJson(method, path, options) {
   return response.status === 204 ? null : response.json();
 }
 
-// -- server-sent events (contract §6) ---------------------------------------------------
+// -- server-sent events (docs/streaming.md) ---------------------------------------------------
 
 // Reads one text/event-stream body and calls onEvent({event, data, id}) for each
 // event. EventSource cannot send the Authorization header, hence fetch.
@@ -484,7 +484,7 @@ function sleep(ms) {
 }
 
 // Follows a turn whose stream broke off: GET .../events, from after the last
-// delta this page holds (contract §6). The turn itself goes on at the bridge.
+// delta this page holds (docs/streaming.md). The turn itself goes on at the bridge.
 async function resume(sessionId, live) {
   for (const delay of RESUME_DELAYS_MS) {
     if (live.outcome || !live.userMessage) return;

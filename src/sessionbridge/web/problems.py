@@ -1,0 +1,76 @@
+"""Errors as problem+json (RFC 9457): the one place the sessions API builds an error body.
+
+Domain code raises the error family of ``errors.py``; this middleware turns
+those errors, and aiohttp's own HTTP errors, into problem objects. An
+unexpected exception becomes a plain 500 problem and a log line, never a
+traceback to the client.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from ..errors import BridgeError, InvalidJSON, MethodNotAllowed, NotFound, TooLarge
+from .jsonhttp import json_response
+
+log = logging.getLogger(__name__)
+
+PROBLEM_CONTENT_TYPE = "application/problem+json"
+PROBLEM_TYPE_BASE = "https://sessionbridge.dev/problems/"
+
+
+def problem_body(error: BridgeError) -> dict[str, Any]:
+    """The problem object of ``error``."""
+    return problem_from(error.describe())
+
+
+def problem_from(description: dict[str, Any]) -> dict[str, Any]:
+    """A problem object from an error's description (a stored or relayed ``turn.failed``)."""
+    return {"type": PROBLEM_TYPE_BASE + str(description.get("code")), **description}
+
+
+def problem_response(error: BridgeError) -> web.Response:
+    return json_response(
+        problem_body(error),
+        status=error.status,
+        headers=error.headers(),
+        content_type=PROBLEM_CONTENT_TYPE,
+    )
+
+
+def _from_http_exception(exc: web.HTTPException) -> BridgeError:
+    if exc.status == 404:
+        return NotFound("no such resource")
+    if exc.status == 405:
+        allowed = sorted(getattr(exc, "allowed_methods", ()))
+        return MethodNotAllowed(f"allowed: {', '.join(allowed)}")
+    if exc.status == 413:
+        return TooLarge("request body exceeds the configured limit")
+    if exc.status == 400:
+        return InvalidJSON(exc.reason)
+    error = BridgeError(exc.reason)
+    error.status, error.code, error.title = exc.status, "http_error", exc.reason
+    return error
+
+
+@web.middleware
+async def problem_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except BridgeError as error:
+        return problem_response(error)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        response = problem_response(_from_http_exception(exc))
+        if exc.status == 405:
+            response.headers["Allow"] = exc.headers.get("Allow", "")
+        return response
+    except Exception:
+        # Never a traceback to the client; the log keeps it for the operator.
+        log.exception("event=unhandled_error method=%s path=%s", request.method, request.path)
+        return problem_response(BridgeError("the bridge failed unexpectedly"))
