@@ -1,67 +1,20 @@
-"""The AI-server side: one interface, one module per protocol family, and the reference doubles.
+"""The AI-server side: one interface, one module per protocol family (docs/ai-servers.md).
 
-    base.py               the interface a conversation needs from any AI server,
-                          and the error mapping and bounded reads every adapter uses
-    sessions.py           the seed protocol, both generations (scenario, init-session)
-    openai.py             OpenAI-compatible chat completions (llama.cpp, vLLM, Ollama ...)
-    slots.py              llama.cpp's slot files, one per conversation
-    reference_sessions.py the reference AI server of the seed protocol (a test double)
-    reference_openai.py   the reference OpenAI-compatible server (a test double)
+    base.py      the interface a conversation needs from any AI server (no HTTP in it)
+    http.py      what every adapter does on the wire: error mapping, bounded reads
+    sessions.py  the seed protocol, both generations (scenario, init-session)
+    openai/      OpenAI-compatible chat completions (llama.cpp, vLLM, Ollama ...)
+    slots.py     llama.cpp's slot files, one per conversation
+    connect.py   the adapter for the configured flavor
+
+Importing this package loads only the interface: the conversation rules
+import it and must not load an HTTP library. The reference servers that
+stand in for an AI server in ``make run`` and the tests are in
+``sessionbridge.reference``.
 """
 
 from __future__ import annotations
 
-import logging
-
-import aiohttp
-
-from ..config import Settings
-from ..metrics import Metrics
 from .base import AIServer, DeltaSink, HealthReport, Reply, TurnContext
-from .openai import OpenAIClient
-from .sessions import SessionServerClient
-from .slots import SlotFiles
 
-__all__ = [
-    "AIServer",
-    "DeltaSink",
-    "HealthReport",
-    "OpenAIClient",
-    "Reply",
-    "SessionServerClient",
-    "TurnContext",
-    "connect",
-]
-
-log = logging.getLogger(__name__)
-
-
-def connect(http: aiohttp.ClientSession, settings: Settings, metrics: Metrics) -> AIServer:
-    """The adapter for the configured flavor, over the app's one client session."""
-    if settings.upstream_flavor == "openai":
-        slot_files = None
-        if settings.slot_save == "on":
-            slot_files = SlotFiles(settings.slot_dir, settings.slot_files)
-        return OpenAIClient(
-            http,
-            settings.upstream_url,
-            model=settings.upstream_model,
-            api_key=settings.upstream_api_key,
-            context_tokens=settings.context_tokens,
-            timeout=settings.upstream_timeout,
-            max_reply_bytes=settings.max_reply_bytes,
-            slot_files=slot_files,
-            observe=metrics.observe_upstream,
-            count_slot_action=metrics.count_slot_action,
-        )
-    return SessionServerClient(
-        http,
-        settings.upstream_url,
-        flavor=settings.upstream_flavor,
-        user=settings.upstream_user,
-        password=settings.upstream_password,
-        timeout=settings.upstream_timeout,
-        recovery_budget=settings.recovery_budget,
-        max_reply_bytes=settings.max_reply_bytes,
-        observe=metrics.observe_upstream,
-    )
+__all__ = ["AIServer", "DeltaSink", "HealthReport", "Reply", "TurnContext"]

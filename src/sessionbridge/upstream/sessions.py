@@ -1,4 +1,4 @@
-"""The seed protocol (contract §2): an AI server that keeps conversations in sessions of its own.
+"""The seed protocol (docs/ai-servers.md): an AI server that keeps conversations in sessions of its own.
 
 Both generations speak it: ``scenario`` (``POST /scenario``, the id arrives in
 a cookie) and ``init-session`` (the bridge names the session). A conversation
@@ -26,18 +26,8 @@ import aiohttp
 from .. import jsoncodec
 from ..errors import SessionLost, UpstreamError
 from ..records import AISessionKind, ChatSession, TranscriptTurn
-from .base import (
-    SMALL_BODY,
-    CallObserver,
-    DeltaSink,
-    HealthReport,
-    Reply,
-    TurnContext,
-    no_observer,
-    observed,
-    read_limited,
-    refuse_redirect,
-)
+from .base import CallObserver, DeltaSink, HealthReport, Reply, TurnContext, no_observer
+from .http import SMALL_BODY, observed, read_limited, refuse_redirect
 
 log = logging.getLogger(__name__)
 
