@@ -4,38 +4,28 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator
 
 import aiohttp
 from aiohttp import web
-from aiohttp.typedefs import Handler
 
-from . import upstream
-from .appkeys import AI_SERVER, CONVERSATIONS, METRICS, READINESS, SETTINGS, STORE
-from .auth import auth_middleware
 from .config import Settings
 from .conversation import Conversations
-from .errors import StorageUnavailable, problem_middleware
+from .errors import StorageUnavailable
 from .metrics import Metrics
 from .readiness import ReadinessProbe, probing
-from .store import for_database, open_store
+from .store import features, open_store
+from .upstream.connect import connect as connect_ai_server
 from .web import api, openapi, ops, page
+from .web.appkeys import AI_SERVER, CONVERSATIONS, METRICS, READINESS, SETTINGS, STORE
+from .web.auth import auth_middleware
+from .web.problems import problem_middleware
+from .web.request_metrics import metrics_middleware
 
 log = logging.getLogger(__name__)
-
-
-@web.middleware
-async def metrics_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    started = time.monotonic()
-    response = await handler(request)
-    resource = request.match_info.route.resource
-    route = resource.canonical if resource is not None else "unmatched"
-    request.app[METRICS].observe_request(
-        request.method, route, response.status, time.monotonic() - started
-    )
-    return response
 
 
 async def database(app: web.Application) -> AsyncIterator[None]:
@@ -64,7 +54,7 @@ async def ai_server(app: web.Application) -> AsyncIterator[None]:
         connector=aiohttp.TCPConnector(limit=settings.max_inflight + 8),
         timeout=aiohttp.ClientTimeout(total=settings.upstream_timeout),
     )
-    app[AI_SERVER] = upstream.connect(http, settings, app[METRICS])
+    app[AI_SERVER] = connect_ai_server(http, settings, app[METRICS])
     yield
     await http.close()
 
@@ -109,12 +99,29 @@ async def idempotency_purge(app: web.Application) -> AsyncIterator[None]:
         await task
 
 
+def slot_saving_allowed(settings: Settings) -> Settings:
+    """The settings with llama.cpp slot saving off where the database is shared.
+
+    Slot files are bookkeeping of one bridge (which slot holds which
+    conversation, which file is whose): bridges sharing a database may share
+    one llama.cpp server, and would restore each other's slots over a
+    conversation's cache. So slot saving is off there, with a warning.
+    """
+    if settings.slot_save != "on" or not features(settings.db).shared_between_processes:
+        return settings
+    log.warning(
+        "event=slot_save_disabled reason=shared_database"
+        " detail=llama.cpp slot files are kept per bridge; several bridges share this database"
+    )
+    return dataclasses.replace(settings, slot_save="off")
+
+
 def create_app(settings: Settings) -> web.Application:
     app = web.Application(
         client_max_size=settings.max_body,
         middlewares=[metrics_middleware, problem_middleware, auth_middleware],
     )
-    app[SETTINGS] = for_database(settings)
+    app[SETTINGS] = slot_saving_allowed(settings)
     app[METRICS] = Metrics()
     app.cleanup_ctx.extend([database, ai_server, conversations, readiness, idempotency_purge])
     app.add_routes(api.routes)

@@ -18,13 +18,18 @@ from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage
 
 from .app import create_app
-from .appkeys import CONVERSATIONS
 from .config import ConfigError, Settings, TokenRange, load_settings
-from .connections import ConnectionGuard, condense_accept_errors, descriptor_reserve, effective_cap
 from .notify import feed_watchdog, notify, watchdog_interval
-from .schema import MigrationsMissing
-from .store import DuplicateKeyName, database, migrate, open_store
+from .store import DuplicateKeyName, MissingDriver, database, migrate, open_store
+from .store.schema import MigrationsMissing
 from .tokens import hash_token, new_token
+from .web.appkeys import CONVERSATIONS
+from .web.connections import (
+    ConnectionGuard,
+    condense_accept_errors,
+    descriptor_reserve,
+    effective_cap,
+)
 
 log = logging.getLogger("sessionbridge")
 
@@ -120,8 +125,8 @@ async def reference_upstream(settings: Settings) -> AsyncIterator[Settings]:
     streamed a little apart, so a reply is seen arriving) when the flavor is
     ``openai``.
     """
-    from .upstream.reference_openai import OpenAIReferenceState, create_openai_reference_app
-    from .upstream.reference_sessions import DevServerState, create_devserver_app
+    from .reference.openai_server import OpenAIReferenceState, create_openai_reference_app
+    from .reference.seed_server import DevServerState, create_devserver_app
 
     if settings.upstream_flavor == "openai":
         app = create_openai_reference_app(OpenAIReferenceState(piece_delay=0.05))
@@ -315,8 +320,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     quiet_library_loggers()
     try:
         return _run(args, settings)
-    except MigrationsMissing as exc:
-        # A broken install: say so in one line and exit, never serve on it.
+    except (ConfigError, MigrationsMissing, MissingDriver) as exc:
+        # A broken install, a database the bridge cannot use, or one whose driver is an
+        # extra not installed: say so in one line and exit, never serve on it.
         print(f"sessionbridge: {exc}", file=sys.stderr)
         return 2
 

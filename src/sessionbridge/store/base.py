@@ -1,8 +1,12 @@
-"""The Store interface: what the bridge needs from storage, whichever database holds it."""
+"""The Store interface: what the bridge needs from storage, whichever database holds it.
+
+Each backend declares its :class:`Features`; how bridges sharing a database
+agree on turns is the :class:`~.coordination.Coordination` it hands out.
+"""
 
 from __future__ import annotations
 
-from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
 from typing import Protocol
 
 from ..records import (
@@ -15,7 +19,7 @@ from ..records import (
     Message,
     Usage,
 )
-from ..turn_events import TurnEvent, TurnEvents
+from .coordination import Coordination
 
 
 class DuplicateKeyName(Exception):
@@ -26,21 +30,21 @@ class SessionGone(LookupError):
     """The chat session was deleted while a turn was writing to it."""
 
 
-class TurnLease(Protocol):
-    """A turn's hold on its session, among every bridge on the database."""
+@dataclass(frozen=True, slots=True)
+class Features:
+    """What a backend can do, declared by the backend so callers ask a flag, not its name."""
 
-    async def take(self) -> ChatSession | None:
-        """Wait until this turn holds its session; the session row as it is now.
-
-        None where the store has nothing to hand over (one process on the
-        database: the bridge's own lock is the only one, and its cached row
-        is right), or when the session is gone.
-        """
-        ...
+    # Several bridges may serve this database at once (llama.cpp slot files,
+    # which are one bridge's bookkeeping, are then off).
+    shared_between_processes: bool
 
 
 class Store(Protocol):
     """What the bridge needs from storage; each database has one implementation."""
+
+    features: Features
+    # How this bridge coordinates turns with other bridges on the database.
+    coordination: Coordination
 
     async def ping(self) -> None: ...
     async def close(self) -> None: ...
@@ -97,24 +101,3 @@ class Store(Protocol):
     async def get_idempotency(self, api_key_id: int, key: str) -> IdempotencyRecord | None: ...
     async def purge_idempotency(self, older_than: float) -> int: ...
     async def fail_pending_turns(self) -> int: ...
-
-    # -- several bridges on one database (contract §8) ---------------------------------
-
-    def turn_lease(self, session_pk: int) -> AbstractAsyncContextManager[TurnLease]:
-        """A place in the session's line, taken now (on arrival); ``take()`` waits for the turn.
-
-        Leaving the context gives the session up (or the place, if not taken).
-        """
-        ...
-
-    def relay_turn(self, question_pk: int, events: TurnEvents) -> None:
-        """A turn runs here: a bridge that follows it may have its events."""
-        ...
-
-    def end_relay(self, question_pk: int) -> None:
-        """The turn has ended here (what is being relayed goes on to its end)."""
-        ...
-
-    async def relayed_events(self, question_pk: int, after: int) -> list[TurnEvent]:
-        """Events after the first ``after`` of a turn running on another bridge, as far as known."""
-        ...

@@ -1,4 +1,4 @@
-"""Finding, applying and rolling back the yoyo migrations in ``migrations/``.
+"""Finding, applying and rolling back the yoyo migrations in ``migrations/<database>/``.
 
 yoyo is synchronous (sqlite3, ``time.sleep`` in its lock), so these functions
 run before the event loop starts or through ``asyncio.to_thread``.
@@ -29,16 +29,14 @@ class MigrationsMissing(RuntimeError):
     """
 
 
-# Each database has its own folder of yoyo SQL files: SQLite's is migrations/
-# itself, PostgreSQL's the folder below it. yoyo does not descend into
-# subfolders, so the two never mix.
-MIGRATION_FOLDERS = {"sqlite": ".", "postgresql": "postgresql"}
+# Each database has its own folder of yoyo SQL files under migrations/.
+MIGRATION_FOLDERS = {"sqlite": "sqlite", "postgresql": "postgresql"}
 
 # An installed package carries the folder as package data next to its code
 # (pyproject.toml maps the repository's migrations/ there); an editable install
 # or a checkout runs from the source tree, whose migrations/ sits at its top.
-_SHIPPED = Path(__file__).resolve().parent / "migrations"
-_SOURCE_TREE = Path(__file__).resolve().parents[2] / "migrations"
+_SHIPPED = Path(__file__).resolve().parents[1] / "migrations"
+_SOURCE_TREE = Path(__file__).resolve().parents[3] / "migrations"
 
 
 def migrations_dir(database: str = "sqlite") -> Path:

@@ -21,7 +21,7 @@ from typing import Any
 
 import aiosqlite
 
-from ..errors import StorageUnavailable
+from ...errors import StorageUnavailable
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from .sqlite_faults import storage_faults
+from .faults import storage_faults
 
 log = logging.getLogger(__name__)
 

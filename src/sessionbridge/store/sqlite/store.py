@@ -21,8 +21,9 @@ from typing import Any
 
 import aiosqlite
 
-from ..errors import IdempotencyInProgress, StorageUnavailable
-from ..records import (
+from ...config import Settings
+from ...errors import IdempotencyInProgress, StorageUnavailable
+from ...records import (
     AISessionKind,
     ApiKey,
     ChatSession,
@@ -35,12 +36,12 @@ from ..records import (
     Usage,
     utc_now,
 )
-from ..turn_events import TurnEvent, TurnEvents
-from .base import DuplicateKeyName, SessionGone
+from ..base import DuplicateKeyName, Features, SessionGone
+from ..coordination import LocalCoordination
+from ..ids import time_ordered_id
+from ..keycache import KeyCache
+from .faults import MappedReader
 from .group_commit import GroupCommitWriter
-from .ids import time_ordered_id
-from .keycache import KeyCache
-from .sqlite_faults import MappedReader
 
 log = logging.getLogger(__name__)
 
@@ -74,24 +75,6 @@ def _message(row: sqlite3.Row | tuple[Any, ...]) -> Message:
     )
 
 
-class _OneProcessLease:
-    """One bridge per SQLite file: its own session lock is the whole lease.
-
-    The same object serves every turn as the lease and as its context manager
-    (a plain class: a generator-based one costs a turn far more, for nothing).
-    """
-
-    async def take(self) -> ChatSession | None:
-        return None
-
-    async def __aenter__(self) -> _OneProcessLease:
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        return None
-
-
-_ONE_PROCESS_LEASE = _OneProcessLease()
 
 
 
@@ -152,6 +135,10 @@ async def _open_reader(path: str, synchronous: str) -> aiosqlite.Connection:
 
 
 class SqliteStore:
+    # One bridge per SQLite file: its own session locks are the only ones.
+    features = Features(shared_between_processes=False)
+    coordination = LocalCoordination()
+
     def __init__(
         self,
         writer: GroupCommitWriter,
@@ -162,7 +149,7 @@ class SqliteStore:
     ) -> None:
         self._writer = writer
         # Reads and writes alike turn storage faults into StorageUnavailable
-        # (sqlite_faults.py), so no sqlite3 error of that kind leaves the store.
+        # (faults.py), so no sqlite3 error of that kind leaves the store.
         self._reader = MappedReader(reader)
         self._checkpointer = checkpointer
         self._path = path
@@ -171,6 +158,12 @@ class SqliteStore:
         # cost of a turn under load (keycache.py says what is trusted how long).
         self._keys = KeyCache(key_cache_seconds)
         self._checkpoints = asyncio.create_task(self._checkpoint_forever(), name="wal-checkpoint")
+
+    @classmethod
+    async def from_settings(cls, target: str, settings: Settings) -> SqliteStore:
+        return await cls.open(
+            target, settings.db_synchronous, key_cache_seconds=settings.key_cache_seconds
+        )
 
     @classmethod
     async def open(
@@ -610,17 +603,3 @@ class SqliteStore:
             return failed.rowcount
 
         return await self._writer.run(write)
-
-    # -- several bridges: one process per SQLite file, so nothing to share ---------------
-
-    def turn_lease(self, session_pk: int) -> _OneProcessLease:
-        return _ONE_PROCESS_LEASE
-
-    def relay_turn(self, question_pk: int, events: TurnEvents) -> None:
-        return None
-
-    def end_relay(self, question_pk: int) -> None:
-        return None
-
-    async def relayed_events(self, question_pk: int, after: int) -> list[TurnEvent]:
-        return []
