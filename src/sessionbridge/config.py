@@ -114,7 +114,7 @@ class Settings:
     session_queue: int = 8
     max_inflight: int = 32
     shutdown_grace: float = 30.0
-    # A comment line goes out on an idle event stream this often (contract §6: at most 15 s).
+    # A comment line goes out on an idle event stream this often (docs/streaming.md: at most 15 s).
     sse_keepalive: float = 15.0
     idempotency_ttl: float = 24 * 3600.0
     # How long a live API key is trusted without asking the database again;

@@ -108,5 +108,8 @@ class Metrics:
     def count_slot_action(self, action: str, outcome: str) -> None:
         self._child(self.slot_actions, action, outcome).inc()
 
+    def count_empty_reply(self) -> None:
+        self.empty_replies.inc()
+
     def count_ai_session(self, kind: str) -> None:
         self._child(self.ai_sessions, kind).inc()

@@ -5,7 +5,7 @@ its /health, both at once, every ``ready_interval`` seconds; /readyz only
 reports the latest outcome. A readiness probe that waited for a silent AI
 server (it does not answer /health while it generates) would itself time out.
 
-The busy rule of the contract (§2) is applied to each outcome: a /health that
+The busy rule of docs/ai-servers.md is applied to each outcome: a /health that
 does not answer in time while an AI-server call succeeded recently, or while a
 turn is in flight, still counts as ready ("busy"); a refused connection or an
 unhealthy answer is not ready from that probe on.

@@ -13,7 +13,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from .errors import SessionBusy
+from ..errors import SessionBusy
 
 
 class _Entry:

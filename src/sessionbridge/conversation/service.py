@@ -1,4 +1,4 @@
-"""The rules of a conversation that hold for every AI server, free of HTTP and of any protocol.
+"""The conversation service: a turn from arrival to answer, free of HTTP and of any protocol.
 
 Messages of one session are answered one at a time, in arrival order (the
 session lock); admission (the per-session queue and the in-flight limit);
@@ -12,7 +12,7 @@ history sent; the prompt cache) is the protocol adapter's (``upstream/``).
 
 A turn does not belong to the request that started it: it runs as a task of
 its own, so a client that goes away does not stop it, and anyone may follow
-its events (``turn_events``) while it runs.
+its events (``following.py``) while it runs.
 """
 
 from __future__ import annotations
@@ -20,16 +20,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import hashlib
-import json
 import logging
 import time
-from collections import OrderedDict
-from dataclasses import dataclass
+from collections.abc import Coroutine
 from typing import Any
 
-from .config import Settings
-from .errors import (
+from ..errors import (
     BridgeError,
     IdempotencyInProgress,
     IdempotencyMismatch,
@@ -38,173 +34,24 @@ from .errors import (
     UpstreamEmptyReply,
     UpstreamError,
     UpstreamUnavailable,
-    error_from_code,
 )
+from ..records import AISessionKind, ApiKey, ChatSession, IdempotencyStart, Message
+from ..store.base import SessionGone, Store
+from ..turn_events import TurnEvents
+from ..upstream.base import AIServer, Reply
+from .following import Followers
+from .idempotency import RunningKeys, request_fingerprint
 from .locks import SessionLocks
-from .metrics import Metrics
-from .records import (
-    AISessionKind,
-    ApiKey,
-    ChatSession,
-    HistoryTurn,
-    IdempotencyRecord,
-    IdempotencyStart,
-    Message,
-)
-from .store import SessionGone, Store
-from .turn_events import COMPLETED, TurnEvents, stored_events
-from .upstream import AIServer, Reply
+from .reply_gate import ReplyGate
+from .results import Ask, Turn, TurnResult, consume
+from .rules import Limits, TurnMetrics
+from .session_rows import SessionRows
+from .turn_context import TurnContext
 
 log = logging.getLogger(__name__)
 
-# Session rows kept for recently active conversations (a few hundred bytes to a
-# scenario's length each).
-CONTEXT_CACHE_SIZE = 1024
 # Which kind a turn reports when its attempts differ (an empty reply retried).
 _KIND_RANK: dict[AISessionKind, int] = {"reused": 0, "recovered": 1, "created": 2}
-
-
-@dataclass(frozen=True, slots=True)
-class TurnResult:
-    user_message: Message
-    reply: Message
-    ai_session: AISessionKind
-
-    def public(self) -> dict[str, Any]:
-        return {
-            "user_message": self.user_message.public(),
-            "reply": self.reply.public(),
-            "ai_session": self.ai_session,
-        }
-
-
-@dataclass(eq=False)
-class Turn:
-    """A turn as its followers see it: its events, and its outcome once it has ended."""
-
-    events: TurnEvents
-    outcome: asyncio.Future[TurnResult]
-    question: Message | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class _Ask:
-    """One message to answer, as the client sent it."""
-
-    key: ApiKey
-    session_id: str
-    content: str
-    max_tokens: int | None
-    idempotency: IdempotencyStart | None = None
-    # A failed question of the same Idempotency-Key, taken up again.
-    retry_message_pk: int | None = None
-
-
-def request_fingerprint(session_id: str, content: str, max_tokens: int | None) -> str:
-    canonical = json.dumps([session_id, content, max_tokens], ensure_ascii=True)
-    return hashlib.sha256(canonical.encode()).hexdigest()
-
-
-def _consume(future: asyncio.Future[Any]) -> None:
-    # An outcome nobody awaited (a streaming client that went away) is fine.
-    if not future.cancelled():
-        future.exception()
-
-
-class _TurnContext:
-    """What the adapter may know and do about the conversation of one turn."""
-
-    def __init__(
-        self, service: Conversations, session: ChatSession, content: str, max_tokens: int
-    ) -> None:
-        self._service = service
-        self.session = session
-        self.content = content
-        self.max_tokens = max_tokens
-
-    @property
-    def state(self) -> str | None:
-        return self.session.ai_session_id
-
-    async def save_state(self, state: str) -> None:
-        await self._service._store.set_ai_session(self.session.pk, state)
-        self.session = dataclasses.replace(self.session, ai_session_id=state)
-        self._service._remember(self.session)
-
-    async def history(self, from_seq: int = 0) -> list[HistoryTurn]:
-        return await self._service._store.history(self.session.pk, from_seq)
-
-
-class _ReplyGate:
-    """Passes a reply's pieces to the turn's events, once the reply holds a non-blank character.
-
-    A blank reply is retried and must never reach a client, so leading blank
-    pieces wait here; text that cannot be stored (a lone surrogate) or a reply
-    over the limit fails the turn as an upstream error.
-    """
-
-    def __init__(self, events: TurnEvents, limit_bytes: int) -> None:
-        self._events = events
-        self._limit = limit_bytes
-        self._held: list[str] = []
-        self._size = 0
-        self.sent: list[str] = []
-
-    async def push(self, piece: str) -> None:
-        if not piece:
-            return
-        try:
-            self._size += len(piece.encode("utf-8"))
-        except UnicodeEncodeError:
-            raise UpstreamError(
-                "the AI server sent text that cannot be stored (lone surrogate)"
-            ) from None
-        if self._size > self._limit:
-            raise UpstreamError(f"the AI server's reply is over the limit of {self._limit} bytes")
-        if not self.sent and not piece.strip() and not any(p.strip() for p in self._held):
-            self._held.append(piece)
-            return
-        self._held.append(piece)
-        for held in self._held:
-            self._events.delta(held)
-            self.sent.append(held)
-        self._held.clear()
-
-    def discard(self) -> None:
-        """Forget a blank attempt's pieces (none was sent)."""
-        self._held.clear()
-        self._size = 0
-
-    def finish(self, text: str) -> str | None:
-        """Send what the adapter returned beyond the pieces; the pieces' ends, if several."""
-        streamed = "".join(self.sent)
-        if not text.startswith(streamed):
-            # The adapter's text and its pieces disagree: the pieces went out,
-            # so they are what is stored.
-            text = streamed
-        rest = text[len(streamed):]
-        if rest:
-            self._events.delta(rest)
-            self.sent.append(rest)
-        if len(self.sent) < 2:
-            return None
-        ends, position = [], 0
-        for piece in self.sent:
-            position += len(piece)
-            ends.append(str(position))
-        return ",".join(ends)
-
-    @property
-    def text(self) -> str:
-        return "".join(self.sent)
-
-
-def _ended(starting: asyncio.Future[Turn]) -> bool:
-    """Whether the turn an idempotency key started has ended its events."""
-    return (
-        starting.done() and not starting.cancelled() and starting.exception() is None
-        and starting.result().events.ended
-    )
 
 
 class Conversations:
@@ -214,34 +61,30 @@ class Conversations:
         self,
         store: Store,
         ai_server: AIServer,
-        settings: Settings,
-        metrics: Metrics,
+        limits: Limits,
+        metrics: TurnMetrics,
     ) -> None:
         self._store = store
+        self._coordination = store.coordination
         self._ai = ai_server
-        self._settings = settings
+        self._limits = limits
         self._metrics = metrics
-        self.locks = SessionLocks(settings.session_queue)
+        self.locks = SessionLocks(limits.session_queue)
         self.inflight = 0
-        # Idempotency keys being answered right now, with their fingerprints
-        # and turns: a duplicate is turned away (or follows) before it queues.
-        self._running_keys: dict[tuple[int, str], tuple[str, asyncio.Future[Turn]]] = {}
+        # Idempotency keys being answered right now: a duplicate is turned
+        # away (or follows) before it queues.
+        self._running_keys = RunningKeys()
         # Turns running now, by their question's id, for followers.
         self._running: dict[str, Turn] = {}
         self._tasks: set[asyncio.Task[None]] = set()
-        # The session rows of recently active conversations, so a turn needs no
-        # database read to learn its AI session. Only turns change a session's
-        # adapter state, one at a time under the session's lock, so a row read
-        # under that lock stays right for one bridge; on a database shared by
-        # bridges the store's lease hands each turn the row as it is. A session
-        # deleted meanwhile is caught when the turn stores its question.
-        self._contexts: OrderedDict[str, ChatSession] = OrderedDict()
+        self._rows = SessionRows(store)
+        self._followers = Followers(store, self._running, self._spawn)
 
     # -- the session row cache ---------------------------------------------------------
 
     def forget(self, session_id: str) -> None:
         """Drop a deleted session's cached row."""
-        self._contexts.pop(session_id, None)
+        self._rows.forget(session_id)
 
     async def deleted(self, session: ChatSession) -> None:
         """A session was deleted: forget its row, and let the adapter drop what it keeps."""
@@ -251,22 +94,10 @@ class Conversations:
         except Exception as exc:  # cleaning up must not fail the delete
             log.warning("event=forget_failed session=%s error=%s", session.id, exc)
 
-    def _remember(self, session: ChatSession) -> None:
-        self._contexts[session.id] = session
-        self._contexts.move_to_end(session.id)
-        if len(self._contexts) > CONTEXT_CACHE_SIZE:
-            self._contexts.popitem(last=False)
-
-    async def _context(self, key: ApiKey, session_id: str) -> ChatSession:
-        session = self._contexts.get(session_id)
-        if session is not None and session.api_key_id == key.id:
-            self._contexts.move_to_end(session_id)
-            return session
-        session = await self._store.get_session(key.id, session_id)
-        if session is None:
-            raise NotFound("no such session")
-        self._remember(session)
-        return session
+    def _spawn(self, work: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.create_task(work, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     # -- lifetime ------------------------------------------------------------------------
 
@@ -318,16 +149,10 @@ class Conversations:
         follows it instead of being refused (streaming clients).
         """
         if idempotency_key is None:
-            return await self._start(_Ask(key, session_id, content, max_tokens))
+            return await self._start(Ask(key, session_id, content, max_tokens))
         fingerprint = request_fingerprint(session_id, content, max_tokens)
         slot = (key.id, idempotency_key)
         running = self._running_keys.get(slot)
-        if running is not None and _ended(running[1]):
-            # Its turn has ended, so its outcome is stored (a turn ends its
-            # events only after that); only the settling here lags behind (a
-            # turn followed from another bridge reads its outcome back): the
-            # store answers, as it would a moment later.
-            running = None
         if running is not None:
             if running[0] != fingerprint:
                 raise IdempotencyMismatch("this Idempotency-Key was used with another body")
@@ -336,14 +161,10 @@ class Conversations:
                     "the request with this Idempotency-Key is still running"
                 )
             return await asyncio.shield(running[1])
-        # Taken before the first await, so a duplicate arriving meanwhile sees it.
-        starting: asyncio.Future[Turn] = asyncio.get_running_loop().create_future()
-        starting.add_done_callback(_consume)
-        self._running_keys[slot] = (fingerprint, starting)
+        starting = self._running_keys.claim(slot, fingerprint)
 
         def release(_: object = None) -> None:
-            if self._running_keys.get(slot, (None, None))[1] is starting:
-                del self._running_keys[slot]
+            self._running_keys.release(slot, starting)
 
         try:
             turn = await self._begin_idempotent(
@@ -377,134 +198,33 @@ class Conversations:
             if record.fingerprint != fingerprint:
                 raise IdempotencyMismatch("this Idempotency-Key was used with another body")
             if record.state == "succeeded":
-                return await self._replay(key, session_id, record)
+                return await self._followers.replay(key, session_id, record)
             if record.state == "in_progress":
                 # Being answered by another bridge on this database (one here
-                # would be in _running_keys): refused, or followed there.
+                # would be among the running keys): refused, or followed there.
                 if not follow_running:
                     raise IdempotencyInProgress(
                         "the request with this Idempotency-Key is still running"
                     )
-                return await self._follow_elsewhere(key, session_id, idempotency_key, record)
+                return await self._followers.elsewhere(key, session_id, idempotency_key, record)
             # A failed attempt is tried again on the same question row.
             retry_message_pk = record.user_message_pk
         idempotency = IdempotencyStart(key.id, idempotency_key, fingerprint, time.time())
         return await self._start(
-            _Ask(key, session_id, content, max_tokens, idempotency, retry_message_pk)
+            Ask(key, session_id, content, max_tokens, idempotency, retry_message_pk)
         )
-
-    async def _follow_elsewhere(
-        self, key: ApiKey, session_id: str, idempotency_key: str, record: IdempotencyRecord
-    ) -> Turn:
-        """The turn of an idempotent request running on another bridge, followed from here."""
-        session = await self._store.get_session(key.id, session_id)
-        question = None
-        if session is not None and record.user_message_pk is not None:
-            question = await self._store.get_message(session.pk, record.user_message_pk)
-        if question is None:
-            raise NotFound("no such session")
-        events = await self.follow(key, session_id, question.id)
-        outcome: asyncio.Future[TurnResult] = asyncio.get_running_loop().create_future()
-        outcome.add_done_callback(_consume)
-
-        async def settle() -> None:
-            # The outcome, once the turn has ended there (begin() waits for it
-            # to let the key go here).
-            ending = None
-            async for event in events.follow():
-                ending = event
-            try:
-                if ending is None or ending.name != COMPLETED:
-                    raise error_from_code(ending.data.get("code") if ending else None, "failed")
-                done = await self._store.get_idempotency(key.id, idempotency_key)
-                if done is None or done.state != "succeeded":
-                    raise UpstreamError("the turn ended without its outcome stored")
-                replayed = await self._replay(key, session_id, done)
-                outcome.set_result(await replayed.outcome)
-            except Exception as exc:
-                outcome.set_exception(exc)
-
-        task = asyncio.create_task(settle(), name=f"follow-{session_id}")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return Turn(events, outcome, question)
 
     async def follow(self, key: ApiKey, session_id: str, message_id: str) -> TurnEvents:
         """The events of the turn of question ``message_id``: live while it runs, else stored."""
-        session = await self._store.get_session(key.id, session_id)
-        if session is None:
-            raise NotFound("no such session")
-        turn = self._running.get(message_id)
-        if turn is not None:
-            return turn.events
-        question = await self._store.get_message_by_id(session.pk, message_id)
-        if question is None or question.role != "user":
-            raise NotFound("no such message")
-        if question.status != "pending":
-            return await self._stored_turn(session, question)
+        return await self._followers.follow(key, session_id, message_id)
 
-        # Pending, but not running here: it is just starting or ending here, or
-        # it runs elsewhere. The log fills from whichever source has more.
-        async def poll(events: TurnEvents) -> bool:
-            known = len(events)
-            running = self._running.get(message_id)
-            if running is not None:
-                events.extend(running.events.since(known))
-                return len(events) > known
-            # Running on another bridge: what it relays (nothing from SQLite).
-            relayed = await self._store.relayed_events(question.pk, known)
-            if relayed:
-                events.extend(relayed)
-                return True
-            current = await self._store.get_message_by_id(session.pk, message_id)
-            if current is None:
-                events.failed(NotFound("the session was deleted during the turn"))
-            elif current.status != "pending":
-                stored = await self._stored_turn(session, current)
-                events.extend(stored.since(known))
-            return len(events) > known
-
-        events = TurnEvents(poller=poll)
-        events.started(question)
-        return events
-
-    async def _stored_turn(self, session: ChatSession, question: Message) -> TurnEvents:
-        answer = None
-        if question.status == "answered":
-            answer = await self._store.answer_to(session.pk, question.seq)
-        if answer is None or answer.ai_session is None:
-            error = error_from_code(question.error_code, "this turn failed")
-            return stored_events(question, None, None, error)
-        result = TurnResult(question, answer, answer.ai_session)
-        return stored_events(question, answer, result.public(), UpstreamError(""))
-
-    async def _replay(self, key: ApiKey, session_id: str, record: IdempotencyRecord) -> Turn:
-        """The first outcome again, rebuilt from the stored question and its answer."""
-        session = await self._store.get_session(key.id, session_id)
-        if session is None or record.user_message_pk is None:
-            raise NotFound("no such session")
-        question = await self._store.get_message(session.pk, record.user_message_pk)
-        answer = None if question is None else await self._store.answer_to(session.pk, question.seq)
-        kind = record.ai_session
-        if question is None or answer is None or kind not in ("created", "reused", "recovered"):
-            raise NotFound("the outcome of this Idempotency-Key is no longer stored")
-        result = TurnResult(question, answer, kind)  # type: ignore[arg-type]
-        outcome: asyncio.Future[TurnResult] = asyncio.get_running_loop().create_future()
-        outcome.set_result(result)
-        events = stored_events(question, answer, result.public(), UpstreamError(""))
-        return Turn(events, outcome, question)
-
-    async def _start(self, ask: _Ask) -> Turn:
+    async def _start(self, ask: Ask) -> Turn:
         loop = asyncio.get_running_loop()
         turn = Turn(TurnEvents(), loop.create_future())
-        turn.outcome.add_done_callback(_consume)
+        turn.outcome.add_done_callback(consume)
         stored: asyncio.Future[Message] = loop.create_future()
-        stored.add_done_callback(_consume)
-        task = asyncio.create_task(
-            self._run_turn(ask, turn, stored), name=f"turn-{ask.session_id}"
-        )
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        stored.add_done_callback(consume)
+        self._spawn(self._run_turn(ask, turn, stored), f"turn-{ask.session_id}")
         # Waiting for the question to be stored is what the client waits on;
         # leaving it (a client gone) cancels this future only, not the turn.
         await stored
@@ -512,20 +232,23 @@ class Conversations:
 
     # -- one turn --------------------------------------------------------------------
 
-    async def _run_turn(self, ask: _Ask, turn: Turn, stored: asyncio.Future[Message]) -> None:
+    async def _run_turn(self, ask: Ask, turn: Turn, stored: asyncio.Future[Message]) -> None:
         try:
             # The message's place in its session's line among every bridge on
             # the database is taken on arrival, before it waits here.
-            place = (await self._context(ask.key, ask.session_id)).pk
-            async with self._store.turn_lease(place) as lease, self.locks.hold(ask.session_id):
+            place = (await self._rows.get(ask.key, ask.session_id)).pk
+            async with (
+                self._coordination.turn_lease(place) as lease,
+                self.locks.hold(ask.session_id),
+            ):
                 # Read under the lock: the turn before may have changed the AI
                 # session. On a database shared by bridges the cached row may be
                 # another bridge's past: the lease hands over the row as it is.
                 fresh = await lease.take()
                 if fresh is not None:
-                    self._remember(fresh)
-                session = await self._context(ask.key, ask.session_id)
-                if self.inflight >= self._settings.max_inflight:
+                    self._rows.remember(fresh)
+                session = await self._rows.get(ask.key, ask.session_id)
+                if self.inflight >= self._limits.max_inflight:
                     raise Overloaded(f"{self.inflight} turns are already in flight")
                 self.inflight += 1
                 try:
@@ -546,7 +269,7 @@ class Conversations:
                 raise
 
     async def _answer(
-        self, session: ChatSession, ask: _Ask, turn: Turn, stored: asyncio.Future[Message]
+        self, session: ChatSession, ask: Ask, turn: Turn, stored: asyncio.Future[Message]
     ) -> None:
         tokens = self._tokens(session, ask.max_tokens)
         await self._ai.check_fits(session, ask.content, tokens)
@@ -561,7 +284,7 @@ class Conversations:
         turn.question = question
         self._running[question.id] = turn
         # A bridge other than this one may follow the turn (GET .../events).
-        self._store.relay_turn(question.pk, turn.events)
+        self._coordination.relay_turn(question.pk, turn.events)
         try:
             turn.events.started(question)
             if not stored.done():
@@ -569,7 +292,7 @@ class Conversations:
             await self._complete(session, question, ask.content, tokens, ask.idempotency, turn)
         finally:
             del self._running[question.id]
-            self._store.end_relay(question.pk)
+            self._coordination.end_relay(question.pk)
 
     async def _complete(
         self,
@@ -581,7 +304,7 @@ class Conversations:
         turn: Turn,
     ) -> None:
         """Everything after the question is stored: the exchange, then the answer or the failure."""
-        gate = _ReplyGate(turn.events, self._settings.max_reply_bytes)
+        gate = ReplyGate(turn.events, self._limits.max_reply_bytes)
         try:
             reply, piece_ends = await self._exchange(session, content, tokens, gate)
             answer = await self._store.finish_turn(
@@ -617,7 +340,7 @@ class Conversations:
             turn.outcome.set_result(result)
 
     def _failure(self, exc: BaseException, session: ChatSession) -> BridgeError:
-        """The contract error a failed turn reports."""
+        """The error a failed turn reports (docs/api.md)."""
         if isinstance(exc, SessionGone):
             # Deleted while the AI server was answering: nothing is left to store into.
             self.forget(session.id)
@@ -634,15 +357,15 @@ class Conversations:
         # has since narrowed the AI server's range, the value is moved into it
         # so the AI server never sees one it rejects.
         wanted = requested if requested is not None else session.max_tokens
-        return self._settings.upstream_max_tokens.clamp(wanted)
+        return self._limits.upstream_max_tokens.clamp(wanted)
 
     async def _exchange(
-        self, session: ChatSession, content: str, max_tokens: int, gate: _ReplyGate
+        self, session: ChatSession, content: str, max_tokens: int, gate: ReplyGate
     ) -> tuple[Reply, str | None]:
         """Ask the AI server, again after an empty reply; the reply and its pieces' ends."""
-        attempts = 1 + self._settings.empty_reply_retries
+        attempts = 1 + self._limits.empty_reply_retries
         kind: AISessionKind | None = None
-        context = _TurnContext(self, session, content, max_tokens)
+        context = TurnContext(self._store, self._rows, session, content, max_tokens)
         for attempt in range(1, attempts + 1):
             reply = await self._ai.exchange(context, gate.push)
             if kind is None or _KIND_RANK[reply.kind] > _KIND_RANK[kind]:
@@ -651,7 +374,7 @@ class Conversations:
                 piece_ends = gate.finish(reply.text)
                 return dataclasses.replace(reply, text=gate.text, kind=kind), piece_ends
             gate.discard()
-            self._metrics.empty_replies.inc()
+            self._metrics.count_empty_reply()
             log.warning(
                 "event=empty_reply session=%s attempt=%d of=%d", session.id, attempt, attempts
             )

@@ -1,6 +1,6 @@
 """The simulated model behind the reference OpenAI-compatible server: NOT a model.
 
-This private module owns the parts of :mod:`.reference_openai` that stand in
+This private module owns the parts of :mod:`.openai_server` that stand in
 for what a real inference server does below HTTP: a deterministic tokenizer,
 a chat template (Gemma's, as llama.cpp's built-in one renders it), the
 deterministic responder, and a pool of slots, each holding the tokens its

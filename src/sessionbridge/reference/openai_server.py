@@ -1,7 +1,7 @@
 """The reference OpenAI-compatible AI server: a development and test double, NOT a model.
 
 This module owns a small aiohttp application that answers as the
-OpenAI-compatible servers people run (CONTRACT.md sections 5 and 6) do:
+OpenAI-compatible servers people run (docs/ai-servers.md, docs/streaming.md) do:
 llama.cpp's ``llama-server`` (the default persona), vLLM and Ollama. It
 generates nothing: every reply comes from a deterministic responder that says
 what history it was sent (``Reply 3: I see 4 earlier messages; you said:
@@ -11,10 +11,10 @@ What it simulates is the part that matters to the bridge: a prompt cache per
 slot (a token-prefix match over a deterministic tokenizer, with the Gemma
 chat template that llama.cpp applies), latency per computed prompt token and
 per streamed piece, slot save and restore files, and a restart that forgets
-every cache. The rules live in :mod:`._reference_openai_cache`.
+every cache. The rules live in :mod:`.openai_cache`.
 
 The personas differ where the real servers differ (measured against
-llama-server 11434.0.0 here, see ../shared/LLAMA_SERVER.md):
+llama-server 11434.0.0 here; docs/ai-servers.md has what was measured):
 
 - llama.cpp: ``/health``, ``/props``, ``/slots``, ``/slots/{id}?action=``,
   ``/tokenize``, ``/apply-template``; answers carry ``timings`` and
@@ -41,7 +41,7 @@ Everything lives in one :class:`OpenAIReferenceState` per application. Tests
 reach it through ``app[OPENAI_REFERENCE_STATE]`` and mutate its switches
 directly; a change takes effect from the next request on.
 
-Run it by hand with ``python -m sessionbridge.upstream.reference_openai --help``.
+Run it by hand with ``python -m sessionbridge.reference.openai_server --help``.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ from pathlib import Path
 from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler
 
-from ._reference_openai_cache import (
+from .openai_cache import (
     Slot,
     SlotPool,
     common_prefix,
@@ -72,7 +72,7 @@ from ._reference_openai_cache import (
     tokenize,
     valid_slot_filename,
 )
-from ._reference_openai_wire import (
+from .openai_wire import (
     JSONObject,
     Rejected,
     Turn,
@@ -697,7 +697,7 @@ def create_openai_reference_app(state: OpenAIReferenceState | None = None) -> we
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m sessionbridge.upstream.reference_openai",
+        prog="python -m sessionbridge.reference.openai_server",
         description="Reference OpenAI-compatible AI server for development and tests "
         "(a test double, not a model). Its OpenAI base URL is http://HOST:PORT/v1.",
     )

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
 
-from ._reference_openai_cache import tokenize
+from .openai_cache import tokenize
 
 JSONObject = dict[str, Any]
 

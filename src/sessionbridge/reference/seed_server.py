@@ -1,7 +1,7 @@
 """The reference AI server: a development and test double, NOT a model.
 
 This module owns a small aiohttp application that speaks the upstream
-AI-server protocol (CONTRACT.md section 2) in both generations, ``scenario``
+AI-server protocol (docs/ai-servers.md) in both generations, ``scenario``
 and ``init-session``, so the bridge can be developed, tested and demonstrated
 without a real model. It generates nothing: every reply comes from
 :func:`reply_for`, a deterministic function that reports which context the
@@ -14,7 +14,7 @@ call counters and fault-injection switches). Tests reach it through
 exactly like the real server, so :meth:`DevServerState.forget_sessions`
 simulates a restart.
 
-Run it by hand with ``python -m sessionbridge.upstream.reference_sessions --help``.
+Run it by hand with ``python -m sessionbridge.reference.seed_server --help``.
 """
 
 from __future__ import annotations
@@ -412,7 +412,7 @@ def _token_range(text: str) -> tuple[int, int]:
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m sessionbridge.upstream.reference_sessions",
+        prog="python -m sessionbridge.reference.seed_server",
         description="Reference AI server for development and tests (a test double, not a model).",
     )
     parser.add_argument("--host", default="127.0.0.1")

@@ -1,0 +1,34 @@
+"""What an AI-server adapter may know and do about the conversation of one turn."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from ..records import ChatSession, HistoryTurn
+from ..store.base import Store
+from .session_rows import SessionRows
+
+
+class TurnContext:
+    """The ``upstream.base.TurnContext`` a turn hands its adapter."""
+
+    def __init__(
+        self, store: Store, rows: SessionRows, session: ChatSession, content: str, max_tokens: int
+    ) -> None:
+        self._store = store
+        self._rows = rows
+        self.session = session
+        self.content = content
+        self.max_tokens = max_tokens
+
+    @property
+    def state(self) -> str | None:
+        return self.session.ai_session_id
+
+    async def save_state(self, state: str) -> None:
+        await self._store.set_ai_session(self.session.pk, state)
+        self.session = dataclasses.replace(self.session, ai_session_id=state)
+        self._rows.remember(self.session)
+
+    async def history(self, from_seq: int = 0) -> list[HistoryTurn]:
+        return await self._store.history(self.session.pk, from_seq)
