@@ -139,7 +139,7 @@ class Processes:
     def devserver(self, name: str, delay: float) -> Server:
         """The reference AI server, concurrent (not --serial), answering after ``delay`` s."""
         port = free_port()
-        argv = [sys.executable, "-m", "sessionbridge.upstream.reference_sessions", "--host", HOST,
+        argv = [sys.executable, "-m", "sessionbridge.reference.seed_server", "--host", HOST,
                 "--port", str(port), "--delay", str(delay),
                 "--user", AI_USER, "--password", AI_PASSWORD]
         server = self._spawn(name, argv, clean_env(), port)

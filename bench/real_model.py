@@ -13,7 +13,7 @@ in alternation so that both see the same load on the shared cores:
 
 Per turn: prompt tokens the server computed (not served from its cache), time
 to the first piece of the reply, and the whole turn. Through the bridge the
-first piece is its first ``reply.delta`` event (contract §6); a bridge that
+first piece is its first ``reply.delta`` event (docs/streaming.md); a bridge that
 answers with JSON instead is timed as a whole turn, and the report says so.
 
     python bench/real_model.py            # this part alone (about a minute when idle)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from procs import create_key
 
-from sessionbridge.schema import apply_migrations
+from sessionbridge.store.schema import apply_migrations
 
 SCENARIO = "You are a patient guide to a small harbour town."
 QUESTION = "Which way to the lighthouse from the market square, please?"

@@ -1,4 +1,4 @@
-"""Several bridges on one PostgreSQL against one bridge on SQLite (contract §8).
+"""Several bridges on one PostgreSQL against one bridge on SQLite (docs/storage.md).
 
 The same load generator and the same reference AI server (no delay) for
 both: first one bridge on a SQLite file; then two bridges on one PostgreSQL

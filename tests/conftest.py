@@ -18,10 +18,10 @@ from aioresponses import core as aioresponses_core
 from pytest_aiohttp import AiohttpClient, AiohttpServer
 
 from sessionbridge.app import create_app
-from sessionbridge.appkeys import STORE
+from sessionbridge.web.appkeys import STORE
 from sessionbridge.config import Settings, TokenRange
 from sessionbridge.tokens import hash_token, new_token
-from sessionbridge.upstream.reference_sessions import DevServerState, create_devserver_app
+from sessionbridge.reference.seed_server import DevServerState, create_devserver_app
 
 from .postgres import migrated_postgres_dsn, own_postgres, postgres_dsn, postgres_server
 from .processes import Processes

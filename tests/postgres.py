@@ -168,7 +168,7 @@ class Postgres:
 
     def migrated_template(self) -> str:
         if not self.template_ready:
-            from sessionbridge.schema import apply_postgres_migrations
+            from sessionbridge.store.schema import apply_postgres_migrations
 
             self.drop_database(TEMPLATE)
             _admin(self.dsn, f"CREATE DATABASE {TEMPLATE}")

@@ -190,7 +190,7 @@ async def start_bridge(
 async def start_devserver(procs: Processes, *, delay: float = 0.0) -> str:
     """The reference AI server as a subprocess; returns its base URL once /health answers."""
     port = free_port()
-    args = ["-m", "sessionbridge.upstream.reference_sessions",
+    args = ["-m", "sessionbridge.reference.seed_server",
             "--host", "127.0.0.1", "--port", str(port),
             "--user", UPSTREAM_USER, "--password", UPSTREAM_PASSWORD, "--delay", str(delay)]
     process = procs.start("devserver", args, clean_env())

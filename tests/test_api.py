@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 from aiohttp import ClientResponse
 
-from sessionbridge.appkeys import STORE
+from sessionbridge.web.appkeys import STORE
 from sessionbridge.config import Settings
-from sessionbridge.upstream.reference_sessions import DevServerState
+from sessionbridge.reference.seed_server import DevServerState
 
 from .conftest import Api, MakeApi, issue_token, problem
 
@@ -824,7 +824,7 @@ async def test_a_body_that_is_not_utf8_is_invalid_json(api: Api) -> None:
 async def test_a_revocation_by_another_connection_takes_effect_within_the_key_cache(
     make_api: MakeApi, settings: Settings
 ) -> None:
-    from sessionbridge.store import SqliteStore
+    from sessionbridge.store.sqlite import SqliteStore
 
     api = await make_api(key_cache_seconds=0.3)
     assert (await api.request("GET", "/v1/sessions")).status == 200

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from sessionbridge.schema import apply_migrations
-from sessionbridge.store import sqlite as store_module
+from sessionbridge.store.schema import apply_migrations
+from sessionbridge.store.sqlite import store as store_module
 from sessionbridge.store.sqlite import SqliteStore
 
 SCENARIO = "A scenario long enough to fill a page or two of the database. " * 60

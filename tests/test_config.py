@@ -32,7 +32,7 @@ def test_flags_beat_environment_beat_file(tmp_path: Path) -> None:
     assert settings.recovery_budget == 10
 
 
-def test_contract_environment_names_are_read() -> None:
+def test_documented_environment_names_are_read() -> None:
     environ = {
         "SESSIONBRIDGE_UPSTREAM_FLAVOR": "init-session",
         "SESSIONBRIDGE_UPSTREAM_MAX_TOKENS": "50-1000",

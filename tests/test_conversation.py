@@ -9,10 +9,10 @@ from aiohttp.test_utils import TestServer
 from pytest_aiohttp import AiohttpClient
 
 from sessionbridge.app import create_app
-from sessionbridge.appkeys import CONVERSATIONS, STORE
+from sessionbridge.web.appkeys import CONVERSATIONS, STORE
 from sessionbridge.config import Settings
 from sessionbridge.tokens import hash_token
-from sessionbridge.upstream.reference_sessions import DevServerState
+from sessionbridge.reference.seed_server import DevServerState
 
 from .conftest import Api, MakeApi
 

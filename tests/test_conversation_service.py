@@ -13,8 +13,8 @@ from sessionbridge.conversation import Conversations
 from sessionbridge.errors import BridgeError, SessionLost, UpstreamEmptyReply, UpstreamError
 from sessionbridge.metrics import Metrics
 from sessionbridge.records import ApiKey, TranscriptTurn
-from sessionbridge.schema import apply_migrations
-from sessionbridge.store import SqliteStore
+from sessionbridge.store.schema import apply_migrations
+from sessionbridge.store.sqlite import SqliteStore
 from sessionbridge.upstream.sessions import (
     SessionServerClient,
     recent_transcript,

@@ -11,7 +11,7 @@ from aiohttp import ClientResponse, DummyCookieJar, encode_basic_auth, web
 from aiohttp.test_utils import TestClient
 from pytest_aiohttp import AiohttpClient
 
-from sessionbridge.upstream.reference_sessions import (
+from sessionbridge.reference.seed_server import (
     DEVSERVER_STATE,
     DevServerState,
     DevSession,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from sessionbridge.store.group_commit import GroupCommitWriter
+from sessionbridge.store.sqlite.group_commit import GroupCommitWriter
 
 
 @pytest.fixture

@@ -1,7 +1,7 @@
 """A hostile AI server, over real sockets: nothing it answers may become a 500 or unbounded memory.
 
 Each server here is a small aiohttp app that breaks one rule of the protocol
-on purpose; the bridge must answer the contract's code, store nothing from
+on purpose; the bridge must answer the documented code, store nothing from
 it, and leave the question ``failed``.
 """
 
@@ -18,7 +18,7 @@ from aiohttp.test_utils import TestServer
 from pytest_aiohttp import AiohttpServer
 
 from sessionbridge.config import Settings, TokenRange
-from sessionbridge.upstream.reference_openai import (
+from sessionbridge.reference.openai_server import (
     OpenAIReferenceState,
     create_openai_reference_app,
 )

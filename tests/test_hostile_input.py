@@ -6,10 +6,10 @@ the real bridge, served on a loopback socket with the reference AI server
 behind it. Requests are written byte for byte over a plain socket, so nothing
 is normalised or refused on the client side the way an HTTP library would.
 
-Every answer must be a success the contract promises for that input, or a
+Every answer must be a success the API promises (docs/api.md) for that input, or a
 4xx ``application/problem+json`` with ``type``, ``title``, ``status``,
 ``detail`` and ``code`` whose ``status`` is the HTTP status, and never a
-traceback. An oracle written from CONTRACT.md section 3 says which inputs are
+traceback. An oracle written from docs/api.md says which inputs are
 valid, so valid bodies must get their 201 or 200 and invalid ones must name
 the failing fields.
 
@@ -40,7 +40,7 @@ from hypothesis import strategies as st
 from sessionbridge.app import create_app
 from sessionbridge.cli import quiet_library_loggers
 from sessionbridge.config import Settings, TokenRange
-from sessionbridge.upstream.reference_sessions import DevServerState, create_devserver_app
+from sessionbridge.reference.seed_server import DevServerState, create_devserver_app
 
 from .conftest import issue_token
 
@@ -263,7 +263,7 @@ def assert_expected(reply: Reply, expected: Expected, sent: object) -> dict[str,
     return problem
 
 
-# -- the oracle: the contract's rules, written independently of api.py ---------------------
+# -- the oracle: the rules of docs/api.md, written independently of api.py ---------------------
 
 
 def text_is_valid(value: object, max_chars: int, *, required: bool) -> bool:
@@ -557,7 +557,7 @@ def quote(text: str) -> str:
 
 
 def encode_cursor(kind: str, position: int) -> str:
-    """A cursor as the bridge gives them out (CONTRACT: opaque; this is its current shape)."""
+    """A cursor as the bridge gives them out (docs/api.md: opaque; this is its current shape)."""
     return base64.urlsafe_b64encode(f"{kind}:{position}".encode()).decode().rstrip("=")
 
 

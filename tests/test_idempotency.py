@@ -1,4 +1,4 @@
-"""Idempotency-Key on POST /v1/sessions/{id}/messages (CONTRACT.md section 3).
+"""Idempotency-Key on POST /v1/sessions/{id}/messages (docs/api.md).
 
 A retry with the same key and body replays the first outcome without a new
 /chat; another body is 422 idempotency_mismatch; a retry while the first is
@@ -16,7 +16,7 @@ from pytest_aiohttp import AiohttpClient
 
 from sessionbridge.app import create_app
 from sessionbridge.config import Settings
-from sessionbridge.upstream.reference_sessions import DevServerState
+from sessionbridge.reference.seed_server import DevServerState
 
 from .conftest import Api, issue_token, problem
 

@@ -8,7 +8,7 @@ from pytest_aiohttp import AiohttpClient
 
 from sessionbridge.app import create_app
 from sessionbridge.config import Settings
-from sessionbridge.upstream.reference_sessions import DevServerState
+from sessionbridge.reference.seed_server import DevServerState
 
 from .conftest import Api
 

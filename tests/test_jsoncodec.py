@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from sessionbridge import jsoncodec
+from sessionbridge.web.jsonhttp import json_response
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.text()
@@ -51,7 +52,7 @@ def test_what_neither_accepts_is_a_value_error(raw: bytes) -> None:
 
 
 def test_json_response_declares_utf8_json() -> None:
-    response = jsoncodec.json_response({"ok": "é"}, status=201, headers={"Location": "/x"})
+    response = json_response({"ok": "é"}, status=201, headers={"Location": "/x"})
     assert response.status == 201
     assert response.headers["Content-Type"] == "application/json; charset=utf-8"
     assert response.headers["Location"] == "/x"

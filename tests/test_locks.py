@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from sessionbridge.errors import SessionBusy
-from sessionbridge.locks import SessionLocks
+from sessionbridge.conversation.locks import SessionLocks
 
 
 async def test_waiters_are_served_in_arrival_order() -> None:

@@ -1,4 +1,4 @@
-"""The bridge in front of an OpenAI-compatible server (contract §5), over real sockets.
+"""The bridge in front of an OpenAI-compatible server (docs/ai-servers.md), over real sockets.
 
 The AI server is the reference OpenAI-compatible server (a deterministic
 double with a simulated prompt cache per slot) as llama.cpp, vLLM or Ollama
@@ -18,7 +18,7 @@ from aiohttp.test_utils import TestServer
 from pytest_aiohttp import AiohttpServer
 
 from sessionbridge.config import Settings, TokenRange
-from sessionbridge.upstream.reference_openai import (
+from sessionbridge.reference.openai_server import (
     OpenAIReferenceState,
     create_openai_reference_app,
 )

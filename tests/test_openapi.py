@@ -210,7 +210,7 @@ def integral_floats_as_ints(case: Case) -> Case:
     """Send a generated 125.0 as 125 in valid cases.
 
     JSON Schema's ``integer`` admits 125.0 and schemathesis generates it; the
-    bridge, like the contract (``max_tokens: int``), takes only an integer
+    bridge, like the API (``max_tokens: int``), takes only an integer
     literal, and the document says so in words because JSON Schema cannot.
     """
     if isinstance(case.body, dict):

@@ -110,7 +110,7 @@ def test_every_committed_subpackage_is_shipped(installed: Installed) -> None:
 
 def test_the_installed_package_is_not_the_checkout(installed: Installed) -> None:
     done = subprocess.run(
-        [installed.python, "-c", "import sessionbridge.schema as s; print(s.migrations_dir())"],
+        [installed.python, "-c", "import sessionbridge.store.schema as s; print(s.migrations_dir())"],
         capture_output=True, text=True, env=clean_env(), cwd=installed.workdir, timeout=60,
     )
 
@@ -144,7 +144,7 @@ async def test_installed_wheel_migrates_makes_a_key_and_serves_a_conversation(
 
     ai_port = free_port()
     ai = procs.start(
-        "reference-ai", ["-m", "sessionbridge.upstream.reference_sessions", "--port",
+        "reference-ai", ["-m", "sessionbridge.reference.seed_server", "--port",
                          str(ai_port), "--user", UPSTREAM_USER, "--password", UPSTREAM_PASSWORD],
         clean_env(), program=installed.python,
     )

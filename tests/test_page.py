@@ -1,4 +1,4 @@
-"""The web page (contract §7) in a real headless Chromium, against a bridge on a real socket.
+"""The web page (docs/page.md) in a real headless Chromium, against a bridge on a real socket.
 
 The browser is Debian's ``chromium`` package, driven through Playwright's Python
 package with ``executable_path``: nothing is downloaded (``make test`` installs
@@ -30,11 +30,11 @@ from pytest_aiohttp import AiohttpServer
 
 from sessionbridge.app import create_app
 from sessionbridge.config import Settings, TokenRange
-from sessionbridge.upstream.reference_openai import (
+from sessionbridge.reference.openai_server import (
     OpenAIReferenceState,
     create_openai_reference_app,
 )
-from sessionbridge.upstream.reference_sessions import DevServerState
+from sessionbridge.reference.seed_server import DevServerState
 
 from .conftest import issue_token
 
@@ -424,7 +424,7 @@ async def test_page_reads_an_event_stream_and_resumes_after_it_drops(
     """The page's stream reader and its resume path, whatever the bridge does today.
 
     The turn is the bridge's own (the request reaches it and is answered); only
-    the framing on the way back is rewritten into §6 events, cut after two
+    the framing on the way back is rewritten into stream events (docs/streaming.md), cut after two
     deltas, so that the page must ask ``.../events`` with ``Last-Event-ID``.
     """
     seen_resume_headers: list[dict[str, str]] = []

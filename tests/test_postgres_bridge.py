@@ -17,14 +17,14 @@ import pytest
 
 from sessionbridge.config import ConfigError
 from sessionbridge.errors import StorageUnavailable
-from sessionbridge.schema import (
+from sessionbridge.store.schema import (
     apply_postgres_migrations,
     migrations_dir,
     rollback_postgres_migrations,
 )
 from sessionbridge.store import database
 from sessionbridge.store.postgres import PostgresStore
-from sessionbridge.upstream.reference_sessions import DevServerState
+from sessionbridge.reference.seed_server import DevServerState
 
 from .conftest import Api, MakeApi, problem
 from .postgres import LocalServer
@@ -222,7 +222,7 @@ def test_two_bridges_migrating_at_once_both_succeed_and_apply_each_migration_onc
 
 
 def test_a_migrator_waits_while_another_holds_the_migration_lock(postgres_dsn: str) -> None:
-    from sessionbridge.schema import _PG_MIGRATION_LOCK
+    from sessionbridge.store.schema import _PG_MIGRATION_LOCK
 
     done = threading.Event()
     with psycopg.connect(postgres_dsn, autocommit=True) as holder:

@@ -21,7 +21,7 @@ import pytest
 from aiohttp.test_utils import TestServer
 from pytest_aiohttp import AiohttpServer
 
-from sessionbridge.upstream.reference_sessions import DevServerState, create_devserver_app
+from sessionbridge.reference.seed_server import DevServerState, create_devserver_app
 
 from .processes import (
     SIGKILL,

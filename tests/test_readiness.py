@@ -11,7 +11,7 @@ import aiohttp
 from aiohttp.test_utils import TestServer
 
 from sessionbridge.config import Settings
-from sessionbridge.upstream.reference_sessions import DevServerState
+from sessionbridge.reference.seed_server import DevServerState
 
 from .conftest import Api, MakeApi
 

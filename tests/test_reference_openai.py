@@ -17,14 +17,14 @@ from aiohttp import ClientResponse, web
 from aiohttp.test_utils import TestClient
 from pytest_aiohttp import AiohttpClient
 
-from sessionbridge.upstream._reference_openai_cache import (
+from sessionbridge.reference.openai_cache import (
     prompt_pieces,
     render_chat,
     reply_for,
     tokenize,
     valid_slot_filename,
 )
-from sessionbridge.upstream.reference_openai import (
+from sessionbridge.reference.openai_server import (
     OPENAI_REFERENCE_STATE,
     OpenAIReferenceState,
     create_openai_reference_app,
@@ -700,7 +700,7 @@ async def test_main_serves_the_double_on_the_given_port(tmp_path: Path) -> None:
         process = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "sessionbridge.upstream.reference_openai",
+            "sessionbridge.reference.openai_server",
             *("--port", str(port), "--kind", "vllm", "--slot-ctx", "1000"),
             stdout=log,
             stderr=subprocess.STDOUT,

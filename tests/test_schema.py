@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from sessionbridge import schema
-from sessionbridge.schema import (
+from sessionbridge.store import schema
+from sessionbridge.store.schema import (
     MigrationsMissing,
     apply_migrations,
     migrations_dir,
     rollback_migrations,
 )
-from sessionbridge.store import SqliteStore
+from sessionbridge.store.sqlite import SqliteStore
 
 
 def tables(path: Path) -> set[str]:

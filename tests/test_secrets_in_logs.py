@@ -6,10 +6,10 @@ import logging
 
 import pytest
 
-from sessionbridge.appkeys import STORE
+from sessionbridge.web.appkeys import STORE
 from sessionbridge.cli import quiet_library_loggers
 from sessionbridge.tokens import hash_token
-from sessionbridge.upstream.reference_sessions import DevServerState
+from sessionbridge.reference.seed_server import DevServerState
 
 from .conftest import MakeApi
 
@@ -36,7 +36,7 @@ async def test_a_busy_run_logs_no_token_cookie_or_password(
     logged = "\n".join(
         record.getMessage()
         for record in caplog.records
-        if not record.name.startswith("sessionbridge.upstream.reference_sessions")
+        if not record.name.startswith("sessionbridge.reference.seed_server")
     )
 
     assert "event=upstream_call" in logged  # the run did log

@@ -1,4 +1,4 @@
-"""Several bridge processes on one PostgreSQL database (contract §8).
+"""Several bridge processes on one PostgreSQL database (docs/storage.md).
 
 Each test starts real bridge processes on one migrated database and a
 reference AI server in this process, whose counters and switches the test
@@ -21,11 +21,11 @@ import pytest
 from aiohttp.test_utils import TestServer
 from pytest_aiohttp import AiohttpServer
 
-from sessionbridge.upstream.reference_openai import (
+from sessionbridge.reference.openai_server import (
     OpenAIReferenceState,
     create_openai_reference_app,
 )
-from sessionbridge.upstream.reference_sessions import DevServerState
+from sessionbridge.reference.seed_server import DevServerState
 
 from .processes import SIGKILL, Process, Processes, clean_env, free_port, run_cli, wait_http_ok
 from .sse import Stream, read_events
@@ -114,7 +114,7 @@ class Cluster:
 
 @pytest.fixture
 async def seed_server(aiohttp_server: AiohttpServer, ai_state: DevServerState) -> TestServer:
-    from sessionbridge.upstream.reference_sessions import create_devserver_app
+    from sessionbridge.reference.seed_server import create_devserver_app
 
     return await aiohttp_server(create_devserver_app(ai_state))
 
@@ -463,7 +463,7 @@ def test_llama_cpp_slot_saving_is_off_with_a_warning_on_postgresql(
     caplog: pytest.LogCaptureFixture, tmp_path: Path
 ) -> None:
     from sessionbridge.app import create_app
-    from sessionbridge.appkeys import SETTINGS
+    from sessionbridge.web.appkeys import SETTINGS
     from sessionbridge.config import Settings
 
     wanted = {"slot_save": "on", "slot_dir": str(tmp_path), "upstream_flavor": "openai"}

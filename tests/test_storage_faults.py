@@ -26,10 +26,10 @@ import pytest
 from pytest_aiohttp import AiohttpClient
 
 from sessionbridge.app import create_app
-from sessionbridge.appkeys import SETTINGS
+from sessionbridge.web.appkeys import SETTINGS
 from sessionbridge.config import Settings
-from sessionbridge.store import sqlite as sqlite_store
-from sessionbridge.upstream.reference_sessions import DevServerState
+from sessionbridge.store.sqlite import store as sqlite_store
+from sessionbridge.reference.seed_server import DevServerState
 
 from .conftest import Api, MakeApi, problem
 from .test_readiness import readyz_becomes

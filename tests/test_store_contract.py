@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 
 from sessionbridge.records import ApiKey, ChatSession, IdempotencyStart, Usage
-from sessionbridge.schema import apply_migrations
-from sessionbridge.store import DuplicateKeyName, SessionGone, SqliteStore, Store
+from sessionbridge.store.schema import apply_migrations
+from sessionbridge.store import DuplicateKeyName, SessionGone, Store
+from sessionbridge.store.sqlite import SqliteStore
 
 RFC3339_MS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 

@@ -1,4 +1,4 @@
-"""Streamed turns (contract §6) over real sockets, for both AI-server families."""
+"""Streamed turns (docs/streaming.md) over real sockets, for both AI-server families."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ from aiohttp.test_utils import TestServer
 from pytest_aiohttp import AiohttpServer
 
 from sessionbridge.config import Settings, TokenRange
-from sessionbridge.upstream.reference_openai import (
+from sessionbridge.reference.openai_server import (
     OpenAIReferenceState,
     create_openai_reference_app,
 )
-from sessionbridge.upstream.reference_sessions import DevServerState
+from sessionbridge.reference.seed_server import DevServerState
 from tests.conftest import Api, MakeApi, issue_token, problem
 from tests.sse import Stream, read_events
 
@@ -218,7 +218,7 @@ async def test_an_idempotent_streaming_retry_follows_the_running_turn(
     assert first.text == second.text == after.text
     assert sum(1 for r in openai_state.requests if "messages" in r) == 1
     assert len(await api.messages(session_id)) == 2
-    # Without the event stream the rules of contract §3 stay: in progress is 409.
+    # Without the event stream the rules of docs/api.md stay: in progress is 409.
     running = asyncio.ensure_future(streamed(api, session_id, "Other", headers={
         "Idempotency-Key": "k-2"
     }))

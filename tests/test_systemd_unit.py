@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from sessionbridge.config import Settings
-from sessionbridge.connections import descriptor_reserve
+from sessionbridge.web.connections import descriptor_reserve
 
 UNIT = Path(__file__).resolve().parents[1] / "deploy" / "sessionbridge.service"
 INSTALLED_BINARY = "/opt/sessionbridge/.venv/bin/sessionbridge"

@@ -1,4 +1,4 @@
-"""Conversations through the bridge with a real model (contract §5), end to end.
+"""Conversations through the bridge with a real model (docs/ai-servers.md), end to end.
 
 llama-server runs Gemma 3 270M (a base model: its replies are often odd, but
 they are real generations); token counts are the server's own. What these
