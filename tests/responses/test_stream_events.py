@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 from openai import omit
-from openai.lib.streaming.responses._responses import ResponseStreamState
+from openai.lib.streaming.responses import ResponseStreamState
 from openai.types.responses import ResponseStreamEvent
 
 from sessionbridge import jsoncodec
