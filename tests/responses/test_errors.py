@@ -10,6 +10,7 @@ from pytest_aiohttp import AiohttpClient
 
 from sessionbridge.errors import (
     BridgeError,
+    ContextLengthExceeded,
     FieldError,
     IdempotencyInProgress,
     IdempotencyMismatch,
@@ -21,12 +22,12 @@ from sessionbridge.errors import (
     StorageUnavailable,
     TooLarge,
     Unauthorized,
+    Unsupported,
     UpstreamEmptyReply,
     UpstreamError,
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from sessionbridge.responses.errors import ContextLengthExceeded, Unsupported
 from sessionbridge.web.openai.errors import error_body, error_middleware, error_response
 
 CASES: list[tuple[BridgeError, int, str, str | None]] = [

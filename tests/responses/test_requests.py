@@ -6,8 +6,7 @@ from typing import Any
 
 import pytest
 
-from sessionbridge.errors import BridgeError, InvalidField, InvalidJSON
-from sessionbridge.responses.errors import Unsupported
+from sessionbridge.errors import BridgeError, InvalidField, InvalidJSON, Unsupported
 from sessionbridge.responses.records import InputMessage, PageRequest, RetrieveRequest
 from sessionbridge.web.openai.requests import (
     RequestLimits,

@@ -23,6 +23,7 @@ from pytest_aiohttp import AiohttpServer
 from sessionbridge import jsoncodec
 from sessionbridge.errors import (
     BridgeError,
+    ContextLengthExceeded,
     IdempotencyInProgress,
     NotFound,
     SessionBusy,
@@ -30,7 +31,6 @@ from sessionbridge.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from sessionbridge.responses.errors import ContextLengthExceeded
 from sessionbridge.responses.records import Item, Page, ResponseRecord
 from sessionbridge.web.openai import objects
 from sessionbridge.web.openai.errors import error_middleware

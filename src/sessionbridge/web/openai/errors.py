@@ -27,9 +27,9 @@ from typing import Any
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from ...errors import BridgeError, InvalidField, InvalidJSON, _from_http_exception
-from ...jsoncodec import json_response
-from ...responses.errors import ContextLengthExceeded, Unsupported
+from ...errors import BridgeError, ContextLengthExceeded, InvalidField, InvalidJSON, Unsupported
+from ..jsonhttp import json_response
+from ..problems import from_http_exception
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        response = error_response(_from_http_exception(exc))
+        response = error_response(from_http_exception(exc))
         if exc.status == 405:
             response.headers["Allow"] = exc.headers.get("Allow", "")
         return response

@@ -4,7 +4,7 @@ Each parser takes what the client sent (a decoded JSON body, or a query
 mapping) and returns a record of :mod:`sessionbridge.responses.records`, or
 raises: :class:`~sessionbridge.errors.InvalidField` naming the offending
 field OpenAI's way (``input[1].content[0].text``), or
-:class:`~sessionbridge.responses.errors.Unsupported` for a field or item type
+:class:`~sessionbridge.errors.Unsupported` for a field or item type
 the bridge does not serve. The first problem found is the one reported, as
 OpenAI's error object has room for one ``param``.
 
@@ -20,9 +20,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
-from ...errors import FieldError, InvalidField, InvalidJSON
+from ...errors import FieldError, InvalidField, InvalidJSON, Unsupported
 from ...records import is_storable
-from ...responses.errors import Unsupported
 from ...responses.records import (
     MAX_METADATA_KEY_CHARS,
     MAX_METADATA_PAIRS,
