@@ -6,6 +6,7 @@ import dataclasses
 
 from ..records import ChatSession, HistoryTurn
 from ..store.base import Store
+from .results import NO_OPTIONS, TurnOptions
 from .session_rows import SessionRows
 
 
@@ -13,13 +14,21 @@ class TurnContext:
     """The ``upstream.base.TurnContext`` a turn hands its adapter."""
 
     def __init__(
-        self, store: Store, rows: SessionRows, session: ChatSession, content: str, max_tokens: int
+        self,
+        store: Store,
+        rows: SessionRows,
+        session: ChatSession,
+        content: str,
+        max_tokens: int,
+        options: TurnOptions = NO_OPTIONS,
     ) -> None:
         self._store = store
         self._rows = rows
         self.session = session
-        self.content = content
+        self.content = options.prompt_prefix + content
         self.max_tokens = max_tokens
+        self.sampling = options.sampling
+        self.trim = options.trim
 
     @property
     def state(self) -> str | None:
