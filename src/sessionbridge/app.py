@@ -82,7 +82,8 @@ async def conversations(app: web.Application) -> AsyncIterator[None]:
     # The OpenAI face: the same conversations, as responses and conversations.
     model = settings.upstream_model or "sessionbridge"
     app[RESPONSES] = Responses(
-        app[STORE], service, model, settings.session_max_tokens_default
+        app[STORE], service, model, settings.session_max_tokens_default,
+        count_response=app[METRICS].count_response,
     )
     app[CONVERSATION_SERVICE] = ConversationService(
         app[STORE], service, settings.session_max_tokens_default

@@ -80,6 +80,7 @@ class Conversations:
         self._tasks: set[asyncio.Task[None]] = set()
         self._rows = SessionRows(store)
         self._followers = Followers(store, self._running, self._spawn)
+        self._coordination.on_cancel(self._cancel_by_pk)
 
     # -- the session row cache ---------------------------------------------------------
 
@@ -100,6 +101,17 @@ class Conversations:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
+
+    def _cancel_by_pk(self, question_pk: int) -> bool:
+        for question_id, turn in list(self._running.items()):
+            if turn.question is not None and turn.question.pk == question_pk:
+                return self.cancel(question_id)
+        return False
+
+    async def cancel_anywhere(self, question: Message) -> None:
+        """Cut off the turn of ``question`` here, or ask the bridge that runs it."""
+        if not self.cancel(question.id):
+            await self._coordination.request_cancel(question.pk)
 
     def cancel(self, question_id: str) -> bool:
         """Cut off the turn of question ``question_id`` if it runs here; its failure is "cancelled".

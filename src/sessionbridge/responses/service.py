@@ -19,7 +19,7 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,9 +77,15 @@ class Responses:
     """Creates, finds, cancels and deletes responses; knows the store and the conversation rules."""
 
     def __init__(
-        self, store: Store, conversations: Conversations, model: str, max_tokens: int
+        self,
+        store: Store,
+        conversations: Conversations,
+        model: str,
+        max_tokens: int,
+        count_response: Callable[[str], None] = lambda status: None,
     ) -> None:
         self._store = store
+        self._count_response = count_response
         self._conversations = conversations
         self.model = model
         # When the model was first served (unix seconds), as /v1/models shows it.
@@ -141,8 +147,7 @@ class Responses:
                 # An identical request ran first: this one follows it.
                 await self._undo(line, row)
                 return Started(mine, turn)
-        if line.claimed is not None:
-            turn.outcome.add_done_callback(lambda done: self._settled(done, line))
+        turn.outcome.add_done_callback(lambda done: self._settled(done, line, row))
         return Started(row, turn, line)
 
     def _new_row(
@@ -190,11 +195,18 @@ class Responses:
             raise IdempotencyInProgress("the request with this Idempotency-Key is still running")
         return Started(row)
 
-    def _settled(self, outcome: asyncio.Future[Any], line: Line) -> None:
+    def _settled(self, outcome: asyncio.Future[Any], line: Line, row: ResponseRow) -> None:
         # A continuation that failed leaves its line as it was: the next one may go on in it.
         failed = outcome.cancelled() or outcome.exception() is not None
         if failed and line.claimed is not None:
             self._spawn(self._store.release_continuation(line.claimed.pk), "release-continuation")
+        self._spawn(self._count_end(row), "count-response")
+
+    async def _count_end(self, row: ResponseRow) -> None:
+        with contextlib.suppress(Exception):
+            ended = await self._store.get_response(row.api_key_id, row.id)
+            if ended is not None:
+                self._count_response(status_of(ended, background=False))
 
     async def _undo(self, line: Line, row: ResponseRow | None) -> None:
         """A response refused before its question was stored leaves nothing behind."""
@@ -251,13 +263,13 @@ class Responses:
         row = await self.get(key, response_id)
         if row.question is None or row.question.status != "pending":
             return row
-        if self._conversations.cancel(row.question.id):
-            deadline = time.monotonic() + CANCEL_WAIT
-            while time.monotonic() < deadline:
-                row = await self.get(key, response_id)
-                if row.question is None or row.question.status != "pending":
-                    break
-                await asyncio.sleep(0.02)  # observed state: the cut-off turn recording its end
+        await self._conversations.cancel_anywhere(row.question)
+        deadline = time.monotonic() + CANCEL_WAIT
+        while time.monotonic() < deadline:
+            row = await self.get(key, response_id)
+            if row.question is None or row.question.status != "pending":
+                break
+            await asyncio.sleep(0.02)  # observed state: the cut-off turn recording its end
         return row
 
     async def delete(self, key: ApiKey, response_id: str) -> None:
