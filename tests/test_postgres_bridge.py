@@ -31,7 +31,7 @@ from .postgres import LocalServer
 
 SCHEMA_TABLES = {
     "api_keys", "chat_sessions", "messages", "idempotency_keys",
-    "bridges", "turn_tickets", "turn_relay",
+    "bridges", "turn_tickets", "turn_relay", "responses",
 }
 
 
