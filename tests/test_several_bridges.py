@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import openai
 import psycopg
 import pytest
 from aiohttp.test_utils import TestServer
@@ -473,3 +474,29 @@ def test_llama_cpp_slot_saving_is_off_with_a_warning_on_postgresql(
     assert on_postgres[SETTINGS].slot_save == "off"
     assert on_sqlite[SETTINGS].slot_save == "on"
     assert "event=slot_save_disabled" in caplog.text
+
+
+# -- the OpenAI face across bridges -----------------------------------------------------------
+
+
+async def test_a_response_running_on_one_bridge_is_retrieved_streamed_and_cancelled_on_another(
+    cluster: Cluster, ai_state: DevServerState
+) -> None:
+    a, b = await cluster.start(), await cluster.start()
+    via_a = openai.AsyncOpenAI(base_url=a.url + "/v1", api_key=cluster.token, max_retries=0)
+    via_b = openai.AsyncOpenAI(base_url=b.url + "/v1", api_key=cluster.token, max_retries=0)
+    try:
+        done = await via_a.responses.create(model="any", input="quick")
+        assert (await via_b.responses.retrieve(done.id)).output_text == done.output_text
+        replayed = [e async for e in await via_b.responses.retrieve(done.id, stream=True)]
+        assert replayed[-1].type == "response.completed"
+
+        ai_state.delay = 30.0  # the next answer stays in the AI server until cancelled
+        running = await via_a.responses.create(model="any", input="slow", background=True)
+        assert (await via_b.responses.retrieve(running.id)).status == "in_progress"
+        cancelled = await via_b.responses.cancel(running.id)
+        assert cancelled.status == "cancelled"
+        assert (await via_a.responses.retrieve(running.id)).status == "cancelled"
+    finally:
+        await via_a.close()
+        await via_b.close()
