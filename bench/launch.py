@@ -1,0 +1,103 @@
+"""Start a server on a chosen event loop, optionally under cProfile, without touching src/.
+
+    python bench/launch.py [--loop asyncio|uvloop] [--cprofile OUT] -m sessionbridge serve ...
+    python bench/launch.py [--loop asyncio|uvloop] [--cprofile OUT] bench/passthrough.py ...
+
+``--loop uvloop`` sets uvloop's event-loop policy before the program runs, so
+its own ``asyncio.run`` (the bridge's ``serve``) or ``web.run_app`` (the
+passthrough) makes a uvloop loop; ``asyncio`` leaves the default loop.
+
+``--cprofile OUT`` makes the process profile itself on signals, so that only
+the measured window is profiled (not imports, migrations or shutdown):
+SIGUSR1 starts cProfile, SIGUSR2 stops it and writes the statistics to OUT
+(pstats format, written to OUT.tmp and renamed, so a reader never sees half a
+file). cProfile sees the thread it was started in, the event loop's; the
+database threads are left to the sampling profiler (py-spy) and to per-thread
+CPU figures. The program itself runs as ``python -m`` or ``python script``
+would run it: same ``sys.argv`` and ``__main__``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import runpy
+import signal
+import sys
+from pathlib import Path
+from types import FrameType
+
+LOOPS = ("asyncio", "uvloop")
+
+
+def use_loop(name: str) -> None:
+    if name == "uvloop":
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    elif name != "asyncio":
+        raise SystemExit(f"launch.py: unknown loop {name!r}; choose from {', '.join(LOOPS)}")
+
+
+def profile_on_signals(out: Path) -> None:
+    import cProfile
+
+    profiler = cProfile.Profile()
+
+    def start(signum: int, frame: FrameType | None) -> None:
+        profiler.enable()
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        profiler.disable()
+        partial = out.with_name(out.name + ".tmp")
+        profiler.dump_stats(str(partial))
+        os.replace(partial, out)
+
+    signal.signal(signal.SIGUSR1, start)
+    signal.signal(signal.SIGUSR2, stop)
+
+
+def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(launch.py's own options, the program's argv): the program starts at -m or a script.
+
+    Split by hand rather than by argparse, so none of the program's own options
+    (--port, --upstream ...) is ever read as, or abbreviated to, one of ours.
+    """
+    for index, arg in enumerate(argv):
+        if arg == "-m" or not arg.startswith("-"):
+            # An option's value (--loop uvloop) does not start the program.
+            if index and argv[index - 1] in ("--loop", "--cprofile"):
+                continue
+            return argv[:index], argv[index:]
+    return argv, []
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        prog="bench/launch.py", description=__doc__.split("\n\n")[0],
+        usage="%(prog)s [--loop LOOP] [--cprofile OUT] (-m MODULE | SCRIPT) [ARGS ...]",
+    )
+    parser.add_argument("--loop", choices=LOOPS, default="asyncio")
+    parser.add_argument("--cprofile", type=Path, metavar="OUT")
+    own, program = split_argv(sys.argv[1:])
+    args = parser.parse_args(own)
+    if not program or program == ["-m"]:
+        parser.error("name a module (-m MODULE) or a script")
+    use_loop(args.loop)
+    if args.cprofile:
+        profile_on_signals(args.cprofile)
+    if program[0] == "-m":
+        module, *rest = program[1:]
+        sys.argv = [module, *rest]
+        runpy.run_module(module, run_name="__main__", alter_sys=True)
+    else:
+        script, *rest = program
+        sys.argv = [script, *rest]
+        # As `python script` does: the script's folder first on the path.
+        sys.path[0] = str(Path(script).resolve().parent)
+        runpy.run_path(script, run_name="__main__")
+
+
+if __name__ == "__main__":
+    main()
