@@ -69,11 +69,22 @@ def cpu_seconds(pid: int, tid: int | None = None) -> float:
     With ``tid``, that one thread's (``tid == pid`` is the main thread, the
     event loop's).
     """
+    return sum(cpu_split(pid, tid))
+
+
+def cpu_split(pid: int, tid: int | None = None) -> tuple[float, float]:
+    """(user, system) CPU seconds of a process (or of its thread ``tid``) so far.
+
+    System time is the kernel working for the process: socket sends and
+    receives (on loopback, much of the receiver's TCP work too), epoll, the
+    futex wake-ups of thread hand-offs, fsync.
+    """
     path = f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat"
     with open(path, encoding="ascii") as stat:
         # The command name in parentheses may hold spaces; the fields after it do not.
         fields = stat.read().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
 
 
 def context_switches(pid: int) -> int:
@@ -126,6 +137,9 @@ class Server:
     def cpu_seconds(self) -> float:
         return cpu_seconds(self.pid)
 
+    def system_cpu_seconds(self) -> float:
+        return cpu_split(self.pid)[1]
+
     def main_thread_cpu_seconds(self) -> float:
         return cpu_seconds(self.pid, self.pid)
 
@@ -140,15 +154,27 @@ class Server:
         return "\n".join(text.splitlines()[-lines:])
 
 
-def launched(argv: list[str], loop: str | None, cprofile: Path | None) -> list[str]:
+def launched(
+    argv: list[str], loop: str | None, cprofile: Path | None = None, gc_stats: Path | None = None,
+) -> list[str]:
     """``argv`` (``python -m ...`` or ``python script ...``) through bench/launch.py when
-    a loop or cProfile is asked for; unchanged otherwise."""
-    if loop is None and cprofile is None:
+    a loop, cProfile or GC statistics are asked for; unchanged otherwise.
+
+    On uvloop the program runs with ``python -O``: the bridge's connection guard
+    asserts that its transport is an ``asyncio.Transport``, which uvloop's
+    transports are not (they only quack like one), so without -O every
+    connection fails. -O drops only ``assert`` statements, two of them on a
+    turn's path (about 0.05 µs each).
+    """
+    if loop is None and cprofile is None and gc_stats is None:
         return argv
+    interpreter = [argv[0], "-O"] if loop == "uvloop" else [argv[0]]
     options = ["--loop", loop or "asyncio"]
     if cprofile is not None:
         options += ["--cprofile", str(cprofile)]
-    return [argv[0], str(BENCH_DIR / "launch.py"), *options, *argv[1:]]
+    if gc_stats is not None:
+        options += ["--gc-stats", str(gc_stats)]
+    return [*interpreter, str(BENCH_DIR / "launch.py"), *options, *argv[1:]]
 
 
 class Processes:
@@ -201,15 +227,16 @@ class Processes:
 
     def bridge(
         self, name: str, db: Path | str, upstream: Server,
-        loop: str | None = None, cprofile: Path | None = None,
+        loop: str | None = None, cprofile: Path | None = None, gc_stats: Path | None = None,
     ) -> Server:
-        """The bridge; on ``loop`` (asyncio or uvloop) and profiling itself on SIGUSR1/SIGUSR2
-        into ``cprofile`` when asked (bench/launch.py), else started as ``python -m``."""
+        """The bridge; on ``loop`` (asyncio or uvloop), profiling itself on SIGUSR1/SIGUSR2
+        into ``cprofile`` and counting its garbage collections into ``gc_stats`` when asked
+        (bench/launch.py), else started as ``python -m``."""
         port = free_port()
         argv = launched(
             [sys.executable, "-m", "sessionbridge", "serve", "--host", HOST,
              "--port", str(port), "--db", str(db), "--upstream", upstream.url],
-            loop, cprofile,
+            loop, cprofile, gc_stats,
         )
         env = clean_env(
             SESSIONBRIDGE_UPSTREAM_USER=AI_USER,
@@ -234,7 +261,7 @@ class Processes:
             [sys.executable, str(BENCH_DIR / "passthrough.py"), "--port", str(port),
              "--upstream", upstream.url, "--sessions-file", str(sessions_file),
              "--user", AI_USER, "--password", AI_PASSWORD],
-            loop, None,
+            loop,
         )
         server = self._spawn(name, argv, clean_env(), port)
         self._wait_ready(server, "/healthz")
