@@ -1,7 +1,8 @@
 """Start a server on a chosen event loop, optionally under cProfile, without touching src/.
 
-    python bench/launch.py [--loop asyncio|uvloop] [--cprofile OUT] -m sessionbridge serve ...
-    python bench/launch.py [--loop asyncio|uvloop] [--cprofile OUT] bench/passthrough.py ...
+    python bench/launch.py [--loop asyncio|uvloop] [--cprofile OUT] [--gc-stats OUT] \
+        -m sessionbridge serve ...
+    python bench/launch.py [--loop asyncio|uvloop] bench/passthrough.py ...
 
 ``--loop uvloop`` sets uvloop's event-loop policy before the program runs, so
 its own ``asyncio.run`` (the bridge's ``serve``) or ``web.run_app`` (the
@@ -13,20 +14,31 @@ SIGUSR1 starts cProfile, SIGUSR2 stops it and writes the statistics to OUT
 (pstats format, written to OUT.tmp and renamed, so a reader never sees half a
 file). cProfile sees the thread it was started in, the event loop's; the
 database threads are left to the sampling profiler (py-spy) and to per-thread
-CPU figures. The program itself runs as ``python -m`` or ``python script``
-would run it: same ``sys.argv`` and ``__main__``.
+CPU figures.
+
+``--gc-stats OUT`` counts the garbage collector's runs and the CPU time they
+take (``gc.callbacks``, a few microseconds a run), per generation, from the
+start; on SIGRTMIN+1 the totals so far go to OUT as JSON (with ``dumps``, how
+many times it was written, so a reader can wait for a fresh one).
+
+The program itself runs as ``python -m`` or ``python script`` would run it:
+same ``sys.argv`` and ``__main__``.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
+import json
 import os
 import runpy
 import signal
 import sys
+import time
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 LOOPS = ("asyncio", "uvloop")
 
@@ -67,19 +79,55 @@ def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
     for index, arg in enumerate(argv):
         if arg == "-m" or not arg.startswith("-"):
             # An option's value (--loop uvloop) does not start the program.
-            if index and argv[index - 1] in ("--loop", "--cprofile"):
+            if index and argv[index - 1] in ("--loop", "--cprofile", "--gc-stats"):
                 continue
             return argv[:index], argv[index:]
     return argv, []
 
 
+GC_STATS_SIGNAL = signal.SIGRTMIN + 1
+
+
+def count_collections(out: Path) -> None:
+    totals: dict[str, Any] = {"dumps": 0, "collections": [0, 0, 0], "seconds": [0.0, 0.0, 0.0],
+                              "collected": [0, 0, 0]}
+    started = [0.0]
+
+    # The thread's CPU clock, not the wall clock: a callback is Python code, where
+    # the thread may hand the GIL to another one (or be preempted) between the
+    # collection and the reading, and such waits are not the collector's cost.
+    def callback(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            started[0] = time.thread_time()
+            return
+        generation = info["generation"]
+        totals["collections"][generation] += 1
+        totals["seconds"][generation] += time.thread_time() - started[0]
+        totals["collected"][generation] += info["collected"]
+
+    def dump(signum: int, frame: FrameType | None) -> None:
+        totals["dumps"] += 1
+        partial = out.with_name(out.name + ".tmp")
+        # Counting the tracked objects takes a few milliseconds; the bench asks
+        # only before and after a measured run, never during one.
+        partial.write_text(json.dumps({**totals, "threshold": gc.get_threshold(),
+                                       "tracked": len(gc.get_objects()),
+                                       "frozen": gc.get_freeze_count()}))
+        os.replace(partial, out)
+
+    gc.callbacks.append(callback)
+    signal.signal(GC_STATS_SIGNAL, dump)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         prog="bench/launch.py", description=__doc__.split("\n\n")[0],
-        usage="%(prog)s [--loop LOOP] [--cprofile OUT] (-m MODULE | SCRIPT) [ARGS ...]",
+        usage="%(prog)s [--loop LOOP] [--cprofile OUT] [--gc-stats OUT] (-m MODULE | SCRIPT)"
+        " [ARGS ...]",
     )
     parser.add_argument("--loop", choices=LOOPS, default="asyncio")
     parser.add_argument("--cprofile", type=Path, metavar="OUT")
+    parser.add_argument("--gc-stats", type=Path, metavar="OUT")
     own, program = split_argv(sys.argv[1:])
     args = parser.parse_args(own)
     if not program or program == ["-m"]:
@@ -87,6 +135,8 @@ def main() -> None:
     use_loop(args.loop)
     if args.cprofile:
         profile_on_signals(args.cprofile)
+    if args.gc_stats:
+        count_collections(args.gc_stats)
     if program[0] == "-m":
         module, *rest = program[1:]
         sys.argv = [module, *rest]
