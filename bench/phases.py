@@ -58,6 +58,7 @@ class Plan:
     profile_rate: int = 100  # py-spy samples per second and thread
     profile_native: bool = True  # C frames too (send, sqlite, the GC, orjson ...)
     profile_cprofile: bool = True  # a second, deterministic profile of the loop thread
+    profile_nice: int = -15  # the bridge's niceness while py-spy samples it (root only)
 
 
 QUICK_PLAN = Plan(
