@@ -21,6 +21,11 @@ take (``gc.callbacks``, a few microseconds a run), per generation, from the
 start; on SIGRTMIN+1 the totals so far go to OUT as JSON (with ``dumps``, how
 many times it was written, so a reader can wait for a fresh one).
 
+``--gc-threshold N`` (gen0's threshold; or N,N1,N2) and ``--gc-freeze``
+(``gc.freeze()`` on SIGRTMIN+2, sent once the program has imported and set
+itself up) try the garbage collector's settings on the program without
+changing it: what a turn would save, measured.
+
 The program itself runs as ``python -m`` or ``python script`` would run it:
 same ``sys.argv`` and ``__main__``.
 """
@@ -79,13 +84,15 @@ def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
     for index, arg in enumerate(argv):
         if arg == "-m" or not arg.startswith("-"):
             # An option's value (--loop uvloop) does not start the program.
-            if index and argv[index - 1] in ("--loop", "--cprofile", "--gc-stats"):
+            if index and argv[index - 1] in ("--loop", "--cprofile", "--gc-stats",
+                                             "--gc-threshold"):
                 continue
             return argv[:index], argv[index:]
     return argv, []
 
 
 GC_STATS_SIGNAL = signal.SIGRTMIN + 1
+GC_FREEZE_SIGNAL = signal.SIGRTMIN + 2
 
 
 def count_collections(out: Path) -> None:
@@ -122,12 +129,14 @@ def count_collections(out: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(
         prog="bench/launch.py", description=__doc__.split("\n\n")[0],
-        usage="%(prog)s [--loop LOOP] [--cprofile OUT] [--gc-stats OUT] (-m MODULE | SCRIPT)"
-        " [ARGS ...]",
+        usage="%(prog)s [--loop LOOP] [--cprofile OUT] [--gc-stats OUT] [--gc-threshold N]"
+        " [--gc-freeze] (-m MODULE | SCRIPT) [ARGS ...]",
     )
     parser.add_argument("--loop", choices=LOOPS, default="asyncio")
     parser.add_argument("--cprofile", type=Path, metavar="OUT")
     parser.add_argument("--gc-stats", type=Path, metavar="OUT")
+    parser.add_argument("--gc-threshold", metavar="N[,N1,N2]")
+    parser.add_argument("--gc-freeze", action="store_true")
     own, program = split_argv(sys.argv[1:])
     args = parser.parse_args(own)
     if not program or program == ["-m"]:
@@ -137,6 +146,11 @@ def main() -> None:
         profile_on_signals(args.cprofile)
     if args.gc_stats:
         count_collections(args.gc_stats)
+    if args.gc_threshold:
+        thresholds = [int(part) for part in args.gc_threshold.split(",")]
+        gc.set_threshold(*thresholds, *gc.get_threshold()[len(thresholds):])
+    if args.gc_freeze:
+        signal.signal(GC_FREEZE_SIGNAL, lambda signum, frame: gc.freeze())
     if program[0] == "-m":
         module, *rest = program[1:]
         sys.argv = [module, *rest]

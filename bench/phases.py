@@ -59,6 +59,10 @@ class Plan:
     profile_native: bool = True  # C frames too (send, sqlite, the GC, orjson ...)
     profile_cprofile: bool = True  # a second, deterministic profile of the loop thread
     profile_nice: int = -15  # the bridge's niceness while py-spy samples it (root only)
+    # The garbage collector's settings to try on the profiled bridge (launch.py's
+    # --gc-threshold and --gc-freeze-after); none by default: the bridge as it ships.
+    profile_gc_threshold: str | None = None
+    profile_gc_freeze: bool = False
 
 
 QUICK_PLAN = Plan(
@@ -89,11 +93,14 @@ class Context:
 def fresh_bridge(
     ctx: Context, name: str, ai: Server, loop: str | None = None,
     cprofile: Path | None = None, gc_stats: Path | None = None,
+    launch_options: list[str] | None = None,
 ) -> tuple[Server, str]:
     """A bridge on a new database with one API key; returns it and the key's token."""
     db = ctx.workdir / f"{name}.db"
     token = create_key(db)
-    return ctx.procs.bridge(name, db, ai, loop=loop, cprofile=cprofile, gc_stats=gc_stats), token
+    bridge = ctx.procs.bridge(name, db, ai, loop=loop, cprofile=cprofile, gc_stats=gc_stats,
+                              launch_options=launch_options)
+    return bridge, token
 
 
 async def ready_sessions(

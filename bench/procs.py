@@ -156,6 +156,7 @@ class Server:
 
 def launched(
     argv: list[str], loop: str | None, cprofile: Path | None = None, gc_stats: Path | None = None,
+    extra: list[str] | None = None,
 ) -> list[str]:
     """``argv`` (``python -m ...`` or ``python script ...``) through bench/launch.py when
     a loop, cProfile or GC statistics are asked for; unchanged otherwise.
@@ -166,7 +167,7 @@ def launched(
     connection fails. -O drops only ``assert`` statements, two of them on a
     turn's path (about 0.05 µs each).
     """
-    if loop is None and cprofile is None and gc_stats is None:
+    if loop is None and cprofile is None and gc_stats is None and not extra:
         return argv
     interpreter = [argv[0], "-O"] if loop == "uvloop" else [argv[0]]
     options = ["--loop", loop or "asyncio"]
@@ -174,6 +175,7 @@ def launched(
         options += ["--cprofile", str(cprofile)]
     if gc_stats is not None:
         options += ["--gc-stats", str(gc_stats)]
+    options += extra or []
     return [*interpreter, str(BENCH_DIR / "launch.py"), *options, *argv[1:]]
 
 
@@ -228,6 +230,7 @@ class Processes:
     def bridge(
         self, name: str, db: Path | str, upstream: Server,
         loop: str | None = None, cprofile: Path | None = None, gc_stats: Path | None = None,
+        launch_options: list[str] | None = None,
     ) -> Server:
         """The bridge; on ``loop`` (asyncio or uvloop), profiling itself on SIGUSR1/SIGUSR2
         into ``cprofile`` and counting its garbage collections into ``gc_stats`` when asked
@@ -236,7 +239,7 @@ class Processes:
         argv = launched(
             [sys.executable, "-m", "sessionbridge", "serve", "--host", HOST,
              "--port", str(port), "--db", str(db), "--upstream", upstream.url],
-            loop, cprofile, gc_stats,
+            loop, cprofile, gc_stats, launch_options,
         )
         env = clean_env(
             SESSIONBRIDGE_UPSTREAM_USER=AI_USER,

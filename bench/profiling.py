@@ -55,6 +55,7 @@ PYSPY_STOP_DEADLINE = 120.0
 CPROFILE_WRITE_DEADLINE = 60.0
 GC_STATS_DEADLINE = 10.0
 GC_STATS_SIGNAL = signal.SIGRTMIN + 1  # as bench/launch.py
+GC_FREEZE_SIGNAL = signal.SIGRTMIN + 2  # as bench/launch.py
 
 
 def pyspy_path() -> str | None:
@@ -691,17 +692,30 @@ async def phase(ctx: Context) -> dict[str, Any]:
     pstats_path = ctx.workdir / "bridge-profile.pstats"
     gc_path = ctx.workdir / "bridge-profile-gc.json"
     ai = ctx.procs.devserver("ai-profile", delay=0)
+    gc_options: list[str] = []
+    if plan.profile_gc_threshold:
+        gc_options += ["--gc-threshold", plan.profile_gc_threshold]
+    if plan.profile_gc_freeze:
+        gc_options += ["--gc-freeze"]
     bridge, token = fresh_bridge(ctx, "bridge-profile", ai, loop=loop, gc_stats=gc_path,
-                                 cprofile=pstats_path if plan.profile_cprofile else None)
+                                 cprofile=pstats_path if plan.profile_cprofile else None,
+                                 launch_options=gc_options)
     session_ids, _ = await ready_sessions(bridge, token, plan.sessions)
     paths = write_paths(ctx.workdir / "profile-paths.txt", session_ids)
     await ctx.load.run(bridge.url, paths, token, CONNECTIONS, plan.warmup)
+    if plan.profile_gc_freeze:
+        # Once the sessions are made and warmed, as a bridge's start-up would
+        # end with gc.freeze(): what is alive now is never collected again.
+        os.kill(bridge.pid, GC_FREEZE_SIGNAL)
+        await asyncio.sleep(0.2)
 
     header = (f"Profile of the bridge ({loop} loop) at {CONNECTIONS} connections, wrk,"
               f" {plan.sessions} sessions, AI server with no delay,"
               f" {plan.profile_duration:.0f} s per run")
+    if gc_options:
+        header += f"; garbage collector changed for a trial: {' '.join(gc_options)}"
     result: dict[str, Any] = {"loop": loop, "connections": CONNECTIONS,
-                              "duration_s": plan.profile_duration}
+                              "duration_s": plan.profile_duration, "gc_options": gc_options}
     timed = await _window(ctx, bridge, ai, paths, token, gc_path)
     result["timed"] = timed.summary()
     print(_window_line("timed (no profiler)", timed), flush=True)
@@ -747,7 +761,8 @@ def summary(result: dict[str, Any], limit: int = 8) -> Iterable[str]:
     """A few lines for the console: the runs, the biggest components and concerns."""
     timed = result["timed"]
     gc = timed.get("gc")
-    yield (f"Profile ({result['loop']} loop, {result['connections']} connections):"
+    trial = f", trial {' '.join(result['gc_options'])}" if result.get("gc_options") else ""
+    yield (f"Profile ({result['loop']} loop, {result['connections']} connections{trial}):"
            f" timed run {timed['rps']:.0f} msg/s, CPU/turn {timed['cpu_ms_per_turn']:.3f} ms"
            f" (loop thread {timed['loop_thread_cpu_ms_per_turn']:.3f} ms),"
            f" {timed['switches_per_turn']:.1f} context switches/turn"

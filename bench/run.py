@@ -110,6 +110,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         default=None, help="py-spy's C frames (default: on)")
     parser.add_argument("--cprofile", action=argparse.BooleanOptionalAction, default=None,
                         help="the profile part's cProfile run (default: on)")
+    parser.add_argument("--profile-gc-threshold", metavar="N[,N1,N2]",
+                        help="a trial: the profiled bridge with this gc.set_threshold")
+    parser.add_argument("--profile-gc-freeze", action="store_true", default=None,
+                        help="a trial: the profiled bridge calls gc.freeze() after warm-up")
     parser.add_argument("--no-wrk", action="store_true",
                         help="use the Python load generator even when wrk is installed")
     parser.add_argument("--results", type=Path, default=BENCH_DIR / "results",
@@ -135,7 +139,8 @@ def make_plan(args: argparse.Namespace) -> phases.Plan:
         "duration": args.duration, "reps": args.reps, "memory_timebox": args.memory_timebox,
         "profile_loop": args.profile_loop, "profile_duration": args.profile_duration,
         "profile_rate": args.profile_rate, "profile_native": args.profile_native,
-        "profile_cprofile": args.cprofile,
+        "profile_cprofile": args.cprofile, "profile_gc_threshold": args.profile_gc_threshold,
+        "profile_gc_freeze": args.profile_gc_freeze,
     }
     if not args.uvloop:
         overrides["loops"] = (phases.DEFAULT_LOOP,)
