@@ -165,10 +165,17 @@ def short_file(path: str) -> str:
     return path
 
 
+def _is_gc_callback(frame: Frame) -> bool:
+    # launch.py's gc.callbacks hook (--gc-stats): it runs only inside a
+    # collection, and with C frames the sampler often stops the thread in its
+    # clock read rather than in the collector's own (static, inlined) functions.
+    return frame.file.endswith("launch.py") and "count_collections" in frame.name
+
+
 def component(sample: Sample) -> str:
     """Who the CPU of a sample is for: the innermost Python frame's library (the GC apart)."""
     if any(frame.name in ("gc_collect_main", "gc_collect_with_callback") for frame in
-           sample.frames):
+           sample.frames) or any(_is_gc_callback(frame) for frame in sample.frames):
         return "the garbage collector"
     leaf = sample.python_leaf()
     if leaf is None:
@@ -217,7 +224,8 @@ CONCERNS: list[tuple[str, Any]] = [
      lambda s: bool(s.native_tail()) and s.native_tail()[0].name in
      ("send", "sendmsg", "recv", "recvfrom", "recvmsg", "read", "write", "writev", "epoll_ctl",
       "__libc_send", "__libc_recv", "accept4", "connect", "close", "shutdown")),
-    ("the garbage collector", _any("gc_collect_main")),
+    ("the garbage collector (and launch.py's gc.callbacks hook)",
+     lambda s: any(f.name == "gc_collect_main" or _is_gc_callback(f) for f in s.frames)),
     ("dataclass __init__ (generated <string> code)", _any("__create_fn__")),
 ]
 
