@@ -19,7 +19,10 @@ CPU figures.
 ``--gc-stats OUT`` counts the garbage collector's runs and the CPU time they
 take (``gc.callbacks``, a few microseconds a run), per generation, from the
 start; on SIGRTMIN+1 the totals so far go to OUT as JSON (with ``dumps``, how
-many times it was written, so a reader can wait for a fresh one).
+many times it was written, so a reader can wait for a fresh one). SIGRTMIN+3
+takes the hook out and puts it back: its clock reads are system calls, where
+a sampling profiler often catches a thread that was preempted, so it is out
+while py-spy samples.
 
 ``--gc-threshold N`` (gen0's threshold; or N,N1,N2) and ``--gc-freeze``
 (``gc.freeze()`` on SIGRTMIN+2, sent once the program has imported and set
@@ -93,6 +96,7 @@ def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
 
 GC_STATS_SIGNAL = signal.SIGRTMIN + 1
 GC_FREEZE_SIGNAL = signal.SIGRTMIN + 2
+GC_HOOK_TOGGLE_SIGNAL = signal.SIGRTMIN + 3
 
 
 def count_collections(out: Path) -> None:
@@ -122,8 +126,15 @@ def count_collections(out: Path) -> None:
                                        "frozen": gc.get_freeze_count()}))
         os.replace(partial, out)
 
+    def toggle(signum: int, frame: FrameType | None) -> None:
+        if callback in gc.callbacks:
+            gc.callbacks.remove(callback)
+        else:
+            gc.callbacks.append(callback)
+
     gc.callbacks.append(callback)
     signal.signal(GC_STATS_SIGNAL, dump)
+    signal.signal(GC_HOOK_TOGGLE_SIGNAL, toggle)
 
 
 def main() -> None:

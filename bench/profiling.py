@@ -56,6 +56,7 @@ CPROFILE_WRITE_DEADLINE = 60.0
 GC_STATS_DEADLINE = 10.0
 GC_STATS_SIGNAL = signal.SIGRTMIN + 1  # as bench/launch.py
 GC_FREEZE_SIGNAL = signal.SIGRTMIN + 2  # as bench/launch.py
+GC_HOOK_TOGGLE_SIGNAL = signal.SIGRTMIN + 3  # as bench/launch.py
 
 
 def pyspy_path() -> str | None:
@@ -592,22 +593,23 @@ class Window:
 
 
 async def _window(
-    ctx: Context, bridge: Server, ai: Server, paths: Path, token: str, gc_path: Path,
+    ctx: Context, bridge: Server, ai: Server, paths: Path, token: str, gc_path: Path | None,
 ) -> Window:
-    gc_before = await gc_totals(bridge, gc_path)
+    """One measured run; the collector's figures too unless ``gc_path`` is None."""
+    gc_before = await gc_totals(bridge, gc_path) if gc_path else None
     before, delay_before = thread_cpu(bridge.pid), run_delay(bridge.pid)
     result = await measured_run(ctx, bridge, ai, paths, token, CONNECTIONS,
                                 ctx.plan.profile_duration)
     after, delay_after = thread_cpu(bridge.pid), run_delay(bridge.pid)
-    gc_after = await gc_totals(bridge, gc_path)
+    gc_after = await gc_totals(bridge, gc_path) if gc_path else None
     return Window(result, {tid: after[tid] - before.get(tid, 0.0) for tid in after},
-                  gc_delta(gc_before, gc_after, result.requests),
+                  gc_delta(gc_before, gc_after, result.requests) if gc_before and gc_after
+                  else None,
                   {tid: delay_after[tid] - delay_before.get(tid, 0.0) for tid in delay_after})
 
 
 async def _pyspy_window(
-    ctx: Context, bridge: Server, ai: Server, paths: Path, token: str, gc_path: Path,
-    pyspy: str, out: Path,
+    ctx: Context, bridge: Server, ai: Server, paths: Path, token: str, pyspy: str, out: Path,
 ) -> Window:
     plan = ctx.plan
     argv = [pyspy, "record", "--pid", str(bridge.pid), "--format", "raw", "--output", str(out),
@@ -630,11 +632,17 @@ async def _pyspy_window(
                 if "Sampling process" in line:
                     break
         reader = asyncio.create_task(process.stdout.read())
-        with favoured(bridge.pid, plan.profile_nice) as took:
-            if not took:
-                print("  note: could not raise the bridge's priority (not root): the samples"
-                      " include more time spent waiting for a core", flush=True)
-            window = await _window(ctx, bridge, ai, paths, token, gc_path)
+        # The collector's hook is out meanwhile (launch.py): a thread preempted in
+        # its clock reads would be sampled there.
+        os.kill(bridge.pid, GC_HOOK_TOGGLE_SIGNAL)
+        try:
+            with favoured(bridge.pid, plan.profile_nice) as took:
+                if not took:
+                    print("  note: could not raise the bridge's priority (not root): the"
+                          " samples include more time spent waiting for a core", flush=True)
+                window = await _window(ctx, bridge, ai, paths, token, None)
+        finally:
+            os.kill(bridge.pid, GC_HOOK_TOGGLE_SIGNAL)
         process.send_signal(signal.SIGINT)  # py-spy writes its file on Ctrl-C
         async with asyncio.timeout(PYSPY_STOP_DEADLINE):
             said.append((await reader).decode(errors="replace"))
@@ -736,7 +744,7 @@ async def phase(ctx: Context) -> dict[str, Any]:
         sections.append(note)
     else:
         raw_path = ctx.workdir / "bridge-pyspy-raw.txt"
-        window = await _pyspy_window(ctx, bridge, ai, paths, token, gc_path, pyspy, raw_path)
+        window = await _pyspy_window(ctx, bridge, ai, paths, token, pyspy, raw_path)
         print(_window_line("under py-spy", window), flush=True)
         runs.append(_window_line("under py-spy", window))
         samples = parse_raw(raw_path.read_text(errors="replace"))
