@@ -15,7 +15,11 @@ of the same length on the same bridge:
    that few samples catch a thread runnable but waiting for a core;
 3. cProfile: the bridge was started by bench/launch.py with ``--cprofile``,
    so SIGUSR1/SIGUSR2 profile just this run's window, deterministically, on
-   the event loop's thread: calls per turn of every function.
+   the event loop's thread: calls per turn of every function (favoured too:
+   cProfile's clock is the wall clock).
+
+The timed run also counts the garbage collector's runs and CPU (launch.py's
+``--gc-stats``); its hook is taken out during the two profiled runs.
 
 Profilers slow what they watch (py-spy takes CPU from the same two cores and
 pauses the process to read it; cProfile roughly doubles the loop thread's
@@ -657,12 +661,21 @@ async def _pyspy_window(
 
 
 async def _cprofile_window(
-    ctx: Context, bridge: Server, ai: Server, paths: Path, token: str, gc_path: Path, out: Path,
+    ctx: Context, bridge: Server, ai: Server, paths: Path, token: str, out: Path,
 ) -> Window:
+    # cProfile times with the wall clock, so a thread preempted in a system call
+    # (a send that woke the AI server, a queue put that woke the writer) books
+    # the wait on that call: the bridge is favoured meanwhile, as under py-spy,
+    # and the collector's hook is out (its clock reads are system calls too).
+    os.kill(bridge.pid, GC_HOOK_TOGGLE_SIGNAL)
     os.kill(bridge.pid, signal.SIGUSR1)
     await asyncio.sleep(0.2)  # the signal is handled at the loop's next Python instruction
-    window = await _window(ctx, bridge, ai, paths, token, gc_path)
-    os.kill(bridge.pid, signal.SIGUSR2)
+    try:
+        with favoured(bridge.pid, ctx.plan.profile_nice):
+            window = await _window(ctx, bridge, ai, paths, token, None)
+    finally:
+        os.kill(bridge.pid, signal.SIGUSR2)
+        os.kill(bridge.pid, GC_HOOK_TOGGLE_SIGNAL)
     deadline = time.monotonic() + CPROFILE_WRITE_DEADLINE
     while not out.exists():
         if time.monotonic() > deadline:
@@ -756,7 +769,7 @@ async def phase(ctx: Context) -> dict[str, Any]:
         sections.append("== py-spy (sampling, every thread)\n\n" + text)
 
     if plan.profile_cprofile:
-        window = await _cprofile_window(ctx, bridge, ai, paths, token, gc_path, pstats_path)
+        window = await _cprofile_window(ctx, bridge, ai, paths, token, pstats_path)
         print(_window_line("under cProfile", window), flush=True)
         runs.append(_window_line("under cProfile", window))
         figures, text = analyse_cprofile(pstats_path, window.result.requests)
