@@ -78,6 +78,8 @@ _LOCK = ("PyThread_acquire_lock_timed", "sem_wait", "sem_timedwait", "sem_clockw
          "pthread_cond_wait", "lock_PyThread_acquire_lock", "acquire_timed")
 _GIL = ("take_gil", "pthread_cond_timedwait")
 _SLEEP = ("nanosleep", "clock_nanosleep", "select")
+# Waiting for the disk: the writer's commits (WAL) and checkpoints.
+_IO = ("fdatasync", "fsync")
 # Without --native the leaf is a Python frame; these are the waiting ones.
 _PY_IDLE_LEAVES = ("EpollSelector.select", "BaseSelector.select", "SimpleQueue.get",
                    "Condition.wait", "Event.wait", "Thread.join")
@@ -123,7 +125,7 @@ class Sample:
         return next((frame for frame in reversed(self.frames) if frame.python), None)
 
     def state(self, native: bool) -> str:
-        """"cpu", or what the thread waits in: "poll", "lock", "gil", "sleep"."""
+        """"cpu", or what the thread waits in: "poll", "lock", "gil", "sleep", "io"."""
         if not native:
             leaf = self.python_leaf()
             return "poll" if leaf and leaf.name in _PY_IDLE_LEAVES else "cpu"
@@ -131,7 +133,7 @@ class Sample:
         if not names:
             return "cpu"
         for state, markers in (("poll", _POLL), ("lock", _LOCK), ("gil", _GIL),
-                               ("sleep", _SLEEP)):
+                               ("sleep", _SLEEP), ("io", _IO)):
             if any(name in markers for name in names):
                 return state
         return "cpu"
@@ -285,7 +287,9 @@ def analyse_pyspy(
     seen = sum(cpu_samples.values()) / rate
     kernel = sum(proc_cpu.values())
     lines.append(f"  py-spy's CPU samples stand for {seen:.2f} s, /proc counted {kernel:.2f} s of"
-                 " CPU: the difference is time spent runnable, waiting for a core.")
+                 " CPU (samples of a thread runnable but off a core count as busy; so the"
+                 " tables below take each thread's CPU time from /proc and only the shares"
+                 " within a thread from the samples).")
     lines.append("  Such a wait counts at the frame the thread was preempted in, and a thread"
                  " that wakes another (a send on loopback, SimpleQueue.put's sem_post) is often"
                  " preempted right there: those frames are overstated; the kernel (system)"
