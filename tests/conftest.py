@@ -1,5 +1,6 @@
 """Fixtures built from the real factories: the bridge on a real loopback socket,
-talking to the reference AI server on another real loopback socket."""
+talking to the reference AI server on another real loopback socket, or to
+:class:`~tests.doubles.FakeAIServer` in this process (``fake``, ``make_fake_api``)."""
 
 from __future__ import annotations
 
@@ -18,11 +19,13 @@ from aioresponses import core as aioresponses_core
 from pytest_aiohttp import AiohttpClient, AiohttpServer
 
 from sessionbridge.app import create_app
-from sessionbridge.appkeys import STORE
+from sessionbridge.appkeys import AI_SERVER, STORE
 from sessionbridge.config import Settings, TokenRange
 from sessionbridge.tokens import hash_token, new_token
+from sessionbridge.upstream import AIServer
 from sessionbridge.upstream.reference_sessions import DevServerState, create_devserver_app
 
+from .doubles import FakeAIServer, ServerGate
 from .postgres import migrated_postgres_dsn, own_postgres, postgres_dsn, postgres_server
 from .processes import Processes
 
@@ -54,8 +57,17 @@ def ai_state() -> DevServerState:
 
 
 @pytest.fixture
-async def ai_server(aiohttp_server: AiohttpServer, ai_state: DevServerState) -> TestServer:
-    return await aiohttp_server(create_devserver_app(ai_state))
+def ai_gate() -> ServerGate:
+    """Holds the reference AI server's /chat calls while a test looks (open unless held)."""
+    return ServerGate("/chat")
+
+
+@pytest.fixture
+async def ai_server(
+    aiohttp_server: AiohttpServer, ai_state: DevServerState, ai_gate: ServerGate
+) -> AsyncIterator[TestServer]:
+    yield await aiohttp_server(ai_gate.install(create_devserver_app(ai_state)))
+    ai_gate.release_all()  # before the server closes: no call may stay held
 
 
 @pytest.fixture
@@ -148,6 +160,67 @@ def make_api(aiohttp_client: AiohttpClient, settings: Settings) -> MakeApi:
 @pytest.fixture
 async def api(make_api: MakeApi) -> Api:
     return await make_api()
+
+
+def answering_with(app: web.Application, ai: AIServer) -> web.Application:
+    """The bridge ``app`` with ``ai`` in place of the adapter its settings name.
+
+    Each of the app's cleanup contexts is wrapped so that, right after the
+    one that sets the app's AI server, ``ai`` replaces it: everything started
+    after it (the conversations, readiness) talks to ``ai``.
+    """
+
+    def swapping(context: Callable[[web.Application], AsyncIterator[None]]) -> Any:
+        async def swapped(app: web.Application) -> AsyncIterator[None]:
+            inner = aiter(context(app))
+            await anext(inner)
+            if AI_SERVER in app and app[AI_SERVER] is not ai:
+                app[AI_SERVER] = ai
+            yield
+            await anext(inner, None)
+
+        return swapped
+
+    for index, context in enumerate(list(app.cleanup_ctx)):
+        app.cleanup_ctx[index] = swapping(context)
+    return app
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeAIServer]:
+    """The AI server double (echoing by default: set ``fake.handler``); released at teardown."""
+    ai = FakeAIServer()
+    yield ai
+    ai.release()
+
+
+@pytest.fixture
+def fake_settings(tmp_path: Path) -> Settings:
+    return Settings(
+        db=str(tmp_path / "bridge.db"),
+        upstream_url="http://127.0.0.1:9",  # never called: the fake answers
+        upstream_timeout=5.0,
+        health_timeout=0.5,
+    )
+
+
+@pytest.fixture
+def make_fake_api(
+    aiohttp_client: AiohttpClient, fake_settings: Settings, fake: FakeAIServer
+) -> MakeApi:
+    """Start a bridge that talks to ``fake`` (optionally with changed settings)."""
+
+    async def make(**changes: Any) -> Api:
+        app = answering_with(create_app(dataclasses.replace(fake_settings, **changes)), fake)
+        client = await aiohttp_client(app)
+        return Api(client, await issue_token(client.app, "test"))
+
+    return make
+
+
+@pytest.fixture
+async def fake_api(make_fake_api: MakeApi) -> Api:
+    return await make_fake_api()
 
 
 class _ResponseWithWriter(ClientResponse):
