@@ -1,9 +1,14 @@
-"""End-to-end turns: the bridge on a real socket, the reference AI server on another."""
+"""End-to-end turns: the bridge on a real socket, the reference AI server on another.
+
+What the seed adapter does (one AI session per conversation, recovery with the
+transcript, the AI server's failures) is tested against the reference AI
+server; the rules that hold for any AI server (arrival order, the queue and
+in-flight limits, deleting during a turn) against the AI server double.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import time
 
 from aiohttp.test_utils import TestServer
 from pytest_aiohttp import AiohttpClient
@@ -14,7 +19,8 @@ from sessionbridge.config import Settings
 from sessionbridge.tokens import hash_token
 from sessionbridge.upstream.reference_sessions import DevServerState
 
-from .conftest import Api, MakeApi
+from .conftest import Api, MakeApi, problem
+from .doubles import FakeAIServer, ServerGate, wait_until
 
 
 async def test_five_message_conversation_costs_one_scenario(
@@ -54,12 +60,16 @@ async def test_messages_are_stored_with_consecutive_seq(api: Api) -> None:
 
 
 async def test_concurrent_first_messages_create_one_ai_session(
-    api: Api, ai_state: DevServerState
+    api: Api, ai_state: DevServerState, ai_gate: ServerGate
 ) -> None:
-    ai_state.delay = 0.05
     session_id = await api.new_session()
-
-    responses = await asyncio.gather(*(api.send(session_id, f"q{n}") for n in range(4)))
+    ai_gate.hold()
+    sends = [asyncio.create_task(api.send(session_id, f"q{n}")) for n in range(4)]
+    # One is inside the AI server (its AI session created), three wait their turn.
+    await ai_gate.wait_entered()
+    await wait_until(lambda: api.app[CONVERSATIONS].locks.waiting(session_id) == 3)
+    ai_gate.release()
+    responses = await asyncio.gather(*sends)
 
     assert [r.status for r in responses] == [200] * 4
     kinds = sorted([(await r.json())["ai_session"] for r in responses])
@@ -68,47 +78,56 @@ async def test_concurrent_first_messages_create_one_ai_session(
 
 
 async def test_messages_of_one_session_are_answered_in_arrival_order(
-    api: Api, ai_state: DevServerState
+    fake_api: Api, fake: FakeAIServer
 ) -> None:
-    ai_state.delay = 0.02
+    api = fake_api
     session_id = await api.new_session()
-    tasks = []
-    for n in range(5):
-        tasks.append(asyncio.create_task(api.send(session_id, f"q{n}")))
-        await asyncio.sleep(0.005)  # arrival order is the order of the sends
-    await asyncio.gather(*tasks)
+    fake.hold()
+    sends = [asyncio.create_task(api.send(session_id, "q0"))]
+    await fake.wait_entered()
+    for n in range(1, 5):
+        sends.append(asyncio.create_task(api.send(session_id, f"q{n}")))
+        # Arrival order is the order of the sends: each is queued before the next.
+        await wait_until(lambda n=n: api.app[CONVERSATIONS].locks.waiting(session_id) == n)
+    fake.release()
+    await asyncio.gather(*sends)
 
     users = [m["content"] for m in await api.messages(session_id) if m["role"] == "user"]
     assert users == [f"q{n}" for n in range(5)]
-    history = next(iter(ai_state.sessions.values())).history
-    assert [question for question, _ in history] == users
+    assert fake.contents() == users
 
 
 async def test_parallel_sessions_do_not_wait_for_each_other(
-    make_api: MakeApi, ai_state: DevServerState
+    make_fake_api: MakeApi, fake: FakeAIServer
 ) -> None:
-    api = await make_api(max_inflight=64)
-    ai_state.delay = 0.3
+    api = await make_fake_api(max_inflight=64)
     session_ids = [await api.new_session(f"scenario {n}") for n in range(30)]
+    fake.hold()
 
-    started = time.monotonic()
-    bodies = await asyncio.gather(*(api.say(sid, f"question for {sid}") for sid in session_ids))
-    elapsed = time.monotonic() - started
+    says = asyncio.gather(*(api.say(sid, f"question for {sid}") for sid in session_ids))
+    # Thirty turns of thirty sessions are inside the AI server at once.
+    await fake.wait_entered(30)
+    fake.release()
+    bodies = await says
 
-    # One scenario + one chat take 0.3 s; thirty sessions in series would take 9 s.
-    assert elapsed < 2.0, elapsed
     for sid, body in zip(session_ids, bodies, strict=True):
-        assert f"you said 'question for {sid}'" in body["reply"]["content"]
-        assert "I hold 0 earlier turns" in body["reply"]["content"]
-    assert ai_state.calls["scenario"] == 30
+        assert body["reply"]["content"] == f"answer to 'question for {sid}'"
+        assert body["ai_session"] == "created"
+    assert sorted(call.session_id for call in fake.calls) == sorted(session_ids)
+    assert all(call.state is None for call in fake.calls)
 
 
 async def test_lock_registry_is_empty_when_traffic_stops(
-    api: Api, ai_state: DevServerState
+    fake_api: Api, fake: FakeAIServer
 ) -> None:
-    ai_state.delay = 0.01
+    api = fake_api
     session_ids = [await api.new_session() for _ in range(5)]
-    await asyncio.gather(*(api.say(sid, f"m{n}") for n in range(3) for sid in session_ids))
+    fake.hold()
+    says = asyncio.gather(*(api.say(sid, f"m{n}") for n in range(3) for sid in session_ids))
+    await fake.wait_entered(5)  # one turn of each session inside, the rest queued
+    assert len(api.app[CONVERSATIONS].locks) == 5
+    fake.release()
+    await says
 
     assert len(api.app[CONVERSATIONS].locks) == 0
     assert api.app[CONVERSATIONS].inflight == 0
@@ -165,6 +184,25 @@ async def test_failed_turns_are_left_out_of_recovery(api: Api, ai_state: DevServ
     (session,) = ai_state.sessions.values()
     assert "kept question" in session.scenario
     assert "failed question" not in session.scenario
+
+
+async def test_a_session_lost_right_after_creation_is_not_recovered_again(
+    api: Api, ai_state: DevServerState
+) -> None:
+    session_id = await api.new_session()
+    ai_state.fail_next = [404]  # "Session not found" from the session just created
+
+    await problem(await api.send(session_id, "hello"), 502, "upstream_error")
+    assert ai_state.calls["scenario"] == 1
+
+
+async def test_recovery_happens_once_per_turn(api: Api, ai_state: DevServerState) -> None:
+    session_id = await api.new_session()
+    await api.say(session_id, "first")
+    ai_state.fail_next = [404, 404]  # lost, and lost again right after the recovery
+
+    await problem(await api.send(session_id, "second"), 502, "upstream_error")
+    assert ai_state.calls["scenario"] == 2  # the original and one recovery, never a loop
 
 
 async def test_bridge_restart_reuses_the_stored_ai_session(
@@ -251,13 +289,10 @@ async def test_ai_server_timeout_is_504_and_the_session_answers_afterwards(
     await api.say(session_id, "first")
     ai_state.hang = True
 
-    started = time.monotonic()
     response = await api.send(session_id, "second")
-    elapsed = time.monotonic() - started
 
     assert response.status == 504
     assert (await response.json())["code"] == "upstream_timeout"
-    assert elapsed < 1.5
     ai_state.hang = False
     assert (await api.say(session_id, "third"))["ai_session"] == "reused"
 
@@ -290,38 +325,45 @@ async def test_bad_ai_server_credentials_are_upstream_error(
 
 
 async def test_a_flood_on_one_session_gets_429_session_busy(
-    make_api: MakeApi, ai_state: DevServerState
+    make_fake_api: MakeApi, fake: FakeAIServer
 ) -> None:
-    api = await make_api(session_queue=2)
-    ai_state.delay = 0.2
+    api = await make_fake_api(session_queue=2)
     session_id = await api.new_session()
+    fake.hold()
 
-    responses = await asyncio.gather(*(api.send(session_id, f"m{n}") for n in range(6)))
+    sends = [asyncio.create_task(api.send(session_id, f"m{n}")) for n in range(6)]
+    # One inside the AI server and two queued; the other three are refused at once.
+    await fake.wait_entered()
+    await wait_until(lambda: sum(send.done() for send in sends) == 3)
+    refused = [send.result() for send in sends if send.done()]
+    assert api.app[CONVERSATIONS].locks.waiting(session_id) == 2
+    fake.release()
+    responses = await asyncio.gather(*sends)
 
-    statuses = sorted(r.status for r in responses)
-    assert statuses == [200, 200, 200, 429, 429, 429]
-    busy = next(r for r in responses if r.status == 429)
+    assert [r.status for r in refused] == [429, 429, 429]
+    assert sorted(r.status for r in responses) == [200, 200, 200, 429, 429, 429]
+    busy = refused[0]
     assert busy.headers["Retry-After"].isdigit()
     assert (await busy.json())["code"] == "session_busy"
 
 
 async def test_over_the_inflight_limit_is_503_overloaded_at_once(
-    make_api: MakeApi, ai_state: DevServerState
+    make_fake_api: MakeApi, fake: FakeAIServer
 ) -> None:
-    api = await make_api(max_inflight=2)
-    ai_state.delay = 0.5
+    api = await make_fake_api(max_inflight=2)
     sessions = [await api.new_session() for _ in range(3)]
+    fake.hold()
     running = [asyncio.create_task(api.send(sid, "slow")) for sid in sessions[:2]]
-    await asyncio.sleep(0.1)
+    await fake.wait_entered(2)
 
-    started = time.monotonic()
+    # Answered while both turns are still held inside the AI server: it did not wait.
     response = await api.send(sessions[2], "one too many")
-    elapsed = time.monotonic() - started
 
     assert response.status == 503
     assert (await response.json())["code"] == "overloaded"
     assert "Retry-After" in response.headers
-    assert elapsed < 0.3
+    assert fake.waiting == 2
+    fake.release()
     assert [r.status for r in await asyncio.gather(*running)] == [200, 200]
     # Nothing was stored for the refused message.
     assert await api.messages(sessions[2]) == []
@@ -340,18 +382,21 @@ async def test_ai_session_id_is_stored_and_never_shown(api: Api) -> None:
 
 
 async def test_deleting_a_session_during_its_turn_gives_404_not_500(
-    api: Api, ai_state: DevServerState
+    fake_api: Api, fake: FakeAIServer
 ) -> None:
+    api = fake_api
     session_id = await api.new_session()
     await api.say(session_id, "first")
-    ai_state.delay = 0.3
+    fake.hold()
     turn = asyncio.create_task(api.send(session_id, "second"))
-    await asyncio.sleep(0.1)
+    await fake.wait_entered(2)  # the second turn is inside the AI server
 
     deleted = await api.request("DELETE", f"/v1/sessions/{session_id}")
+    fake.release()
     response = await turn
 
     assert deleted.status == 204
     assert response.status == 404
     assert (await response.json())["code"] == "not_found"
     assert len(api.app[CONVERSATIONS].locks) == 0
+    assert fake.forgotten == [session_id]
