@@ -25,7 +25,7 @@ from sessionbridge.tokens import hash_token, new_token
 from sessionbridge.upstream import AIServer
 from sessionbridge.upstream.reference_sessions import DevServerState, create_devserver_app
 
-from .doubles import FakeAIServer, ServerGate
+from .doubles import HANG_TIMEOUT, FakeAIServer, ServerGate, wait_until
 from .postgres import migrated_postgres_dsn, own_postgres, postgres_dsn, postgres_server
 from .processes import Processes
 
@@ -135,6 +135,28 @@ async def problem(response: ClientResponse, status: int, code: str) -> dict[str,
     assert body["status"] == status
     assert {"type", "title", "detail"} <= body.keys()
     return body
+
+
+async def readyz(api: Api) -> tuple[int, dict[str, Any]]:
+    """/readyz's status and body (a 503 is checked to be the not_ready problem)."""
+    response = await api.client.get("/readyz")
+    body: dict[str, Any] = await response.json(content_type=None)
+    if response.status == 503:
+        assert response.content_type == "application/problem+json"
+        assert body["code"] == "not_ready"
+    return response.status, body
+
+
+async def readyz_becomes(api: Api, status: int, timeout: float = HANG_TIMEOUT) -> dict[str, Any]:
+    """Poll /readyz until it answers ``status`` (readiness is probed in the background)."""
+    answers: list[tuple[int, dict[str, Any]]] = []
+
+    async def answers_status() -> bool:
+        answers.append(await readyz(api))
+        return answers[-1][0] == status
+
+    await wait_until(answers_status, timeout, lambda: f"/readyz still answers {answers[-1]}")
+    return answers[-1][1]
 
 
 async def issue_token(app: web.Application, name: str) -> str:

@@ -146,6 +146,13 @@ class Gate:
             lambda: f"{count} calls at the gate ({self.entered} came)",
         )
 
+    async def wait_held(self, count: int = 1, timeout: float = HANG_TIMEOUT) -> None:
+        """Return once ``count`` calls are held at the gate at the same time."""
+        await self._changes.wait_for(
+            lambda: len(self._queue) >= count, timeout,
+            lambda: f"{count} calls held at the gate ({len(self._queue)} are)",
+        )
+
     async def wait_passed(self, count: int = 1, timeout: float = HANG_TIMEOUT) -> None:
         """Return once ``count`` calls in all have gone through the gate."""
         await self._changes.wait_for(
@@ -163,11 +170,13 @@ class Gate:
             else:
                 waiter = asyncio.get_running_loop().create_future()
                 self._queue.append(waiter)
+                self._changes.notify()
                 try:
                     await waiter
                 finally:
                     if waiter in self._queue:  # the caller gave up while held
                         self._queue.remove(waiter)
+                        self._changes.notify()
         self.passed += 1
         self._changes.notify()
 
