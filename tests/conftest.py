@@ -63,6 +63,12 @@ def ai_gate() -> ServerGate:
 
 
 @pytest.fixture
+def openai_gate() -> ServerGate:
+    """Holds a reference OpenAI-compatible server's chat requests, or their streamed writes."""
+    return ServerGate("/v1/chat/completions")
+
+
+@pytest.fixture
 async def ai_server(
     aiohttp_server: AiohttpServer, ai_state: DevServerState, ai_gate: ServerGate
 ) -> AsyncIterator[TestServer]:
