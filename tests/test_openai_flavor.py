@@ -7,7 +7,6 @@ answer; `make test-real` runs the same path against a real llama-server.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import itertools
 from pathlib import Path
@@ -17,12 +16,12 @@ import pytest
 from aiohttp.test_utils import TestServer
 from pytest_aiohttp import AiohttpServer
 
-from sessionbridge.config import Settings, TokenRange
+from sessionbridge.config import ConfigError, Settings, TokenRange
 from sessionbridge.upstream.reference_openai import (
     OpenAIReferenceState,
     create_openai_reference_app,
 )
-from tests.conftest import Api, MakeApi, problem
+from tests.conftest import Api, MakeApi, problem, readyz_becomes
 
 
 @pytest.fixture
@@ -321,24 +320,12 @@ async def test_readiness_follows_the_server_loading_a_model(
     api: Api, openai_state: OpenAIReferenceState
 ) -> None:
     openai_state.loading = True
-    for _ in range(50):
-        response = await api.client.get("/readyz")
-        if response.status == 503:
-            break
-        await asyncio.sleep(0.05)
-    assert response.status == 503
+    await readyz_becomes(api, 503)
 
     openai_state.loading = False
-    for _ in range(50):
-        response = await api.client.get("/readyz")
-        if response.status == 200:
-            break
-        await asyncio.sleep(0.05)
-    assert response.status == 200
+    await readyz_becomes(api, 200)
 
 
 def test_slot_save_needs_a_folder() -> None:
-    from sessionbridge.config import ConfigError
-
     with pytest.raises(ConfigError):
         dataclasses.replace(Settings(), slot_save="on")
