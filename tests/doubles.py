@@ -340,8 +340,13 @@ class ServerGate(Gate):
         self.paths = frozenset(paths)
         self.writes = Gate()
 
-    def install(self, app: web.Application) -> web.Application:
-        app.middlewares.append(self._middleware)
+    def install(self, app: web.Application, *, outermost: bool = False) -> web.Application:
+        """Gate ``app`` (before it starts); ``outermost``: before the app's own middlewares,
+        where a request is seen as it arrives, even one a serial server then queues."""
+        if outermost:
+            app.middlewares.insert(0, self._middleware)
+        else:
+            app.middlewares.append(self._middleware)
         app.on_response_prepare.append(self._prepared)
         return app
 
@@ -388,7 +393,7 @@ class ManualClock:
 
     ``install(monkeypatch, module)`` replaces that module's ``time`` (only
     ``monotonic`` changes: it reads ``now``) and ``asyncio`` (only ``sleep``
-    changes). Every sleep asked for is recorded in ``sleeps``. With
+    changes) for the test. Every sleep asked for is recorded in ``sleeps``. With
     ``stepped=True`` a sleep waits until the test calls :meth:`tick`, which
     lets one sleeper go on and returns when it has come back to sleep (one
     turn of a background loop, whatever it did meanwhile); otherwise sleeps
@@ -445,5 +450,7 @@ class ManualClock:
             self._sleepers.popleft().set_result(None)
 
     def install(self, monkeypatch: pytest.MonkeyPatch, module: ModuleType) -> None:
-        monkeypatch.setattr(module, "time", _Standin(time, monotonic=self.monotonic))
+        """Stand in for whichever of ``time`` and ``asyncio`` the module imported."""
+        if hasattr(module, "time"):
+            monkeypatch.setattr(module, "time", _Standin(time, monotonic=self.monotonic))
         monkeypatch.setattr(module, "asyncio", _Standin(asyncio, sleep=self.sleep))
