@@ -449,6 +449,11 @@ class ManualClock:
         while self._sleepers:
             self._sleepers.popleft().set_result(None)
 
+    def run_free(self) -> None:
+        """Stop stepping: every sleeper goes on, and later sleeps return at once."""
+        self.stepped = False
+        self.wake_all()
+
     def install(self, monkeypatch: pytest.MonkeyPatch, module: ModuleType) -> None:
         """Stand in for whichever of ``time`` and ``asyncio`` the module imported."""
         if hasattr(module, "time"):
