@@ -53,12 +53,15 @@ async def wait_until(
     predicate: Callable[[], bool | Awaitable[bool]],
     timeout: float = HANG_TIMEOUT,
     message: str | Callable[[], str] = "",
+    *,
+    every: float = POLL_EVERY,
 ) -> None:
     """Return once ``predicate()`` (sync or async) is true; fail after ``timeout`` seconds.
 
     For state the test can only look at (a reference server's counters, a
-    database row, an HTTP answer): it is looked at again every few ms. The
-    timeout only keeps a broken test from hanging; it paces nothing.
+    database row, an HTTP answer): it is looked at again ``every`` seconds
+    (a few ms unless a look is costly). The timeout only keeps a broken test
+    from hanging; it paces nothing.
     """
     deadline = time.monotonic() + timeout
     while True:
@@ -70,7 +73,7 @@ async def wait_until(
         if time.monotonic() > deadline:
             detail = message() if callable(message) else message
             raise AssertionError(f"still not true after {timeout} s: {detail}")
-        await asyncio.sleep(POLL_EVERY)  # the one poll interval of the test suite
+        await asyncio.sleep(every)  # the one poll interval of the test suite
 
 
 class _Changes:
