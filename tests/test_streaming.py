@@ -20,7 +20,7 @@ from sessionbridge.upstream.reference_openai import (
 from sessionbridge.upstream.reference_sessions import DevServerState
 from tests.conftest import Api, MakeApi, issue_token, problem
 from tests.doubles import HANG_TIMEOUT, ServerGate, wait_until
-from tests.sse import Stream, read_events
+from tests.sse import Stream, joined, read_events
 
 STREAM = {"Accept": "text/event-stream"}
 
@@ -57,13 +57,6 @@ def openai_api_factory(
         )
 
     return make
-
-
-def joined(*parts: Stream) -> Stream:
-    """One stream read in parts."""
-    return Stream(
-        [e for part in parts for e in part.events], [c for part in parts for c in part.comments]
-    )
 
 
 async def streamed(api: Api, session_id: str, content: str, **kwargs: Any) -> Stream:
