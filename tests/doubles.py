@@ -47,6 +47,9 @@ from sessionbridge.upstream import DeltaSink, HealthReport, Reply, TurnContext
 HANG_TIMEOUT = 10.0
 # How often wait_until looks again at what it watches.
 POLL_EVERY = 0.01
+# The writes of a reference OpenAI server's stream up to its first piece: the
+# role-only chunk, then the piece (hold_writes_after this, and the rest waits).
+FIRST_PIECE_WRITES = 2
 
 
 async def wait_until(
@@ -352,6 +355,11 @@ class ServerGate(Gate):
             app.middlewares.append(self._middleware)
         app.on_response_prepare.append(self._prepared)
         return app
+
+    def hold_writes_after(self, count: int) -> None:
+        """Let the next ``count`` writes of streamed answers out, then hold the rest."""
+        self.writes.hold()
+        self.writes.release(count)
 
     def release_all(self) -> None:
         """Open both gates (at teardown: nothing may stay held when the server closes)."""

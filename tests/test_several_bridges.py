@@ -30,7 +30,7 @@ from sessionbridge.upstream.reference_openai import (
 )
 from sessionbridge.upstream.reference_sessions import DevServerState, create_devserver_app
 
-from .doubles import HANG_TIMEOUT, ServerGate, wait_until
+from .doubles import FIRST_PIECE_WRITES, HANG_TIMEOUT, ServerGate, wait_until
 from .processes import SIGKILL, Process, Processes, clean_env, free_port, run_cli, wait_http_ok
 from .sse import Stream, joined, read_events
 
@@ -39,8 +39,6 @@ STREAM = {"Accept": "text/event-stream"}
 TEST_LEASE = 3.0
 # Messages waiting for their session's turn, on every bridge.
 WAITING = "SELECT count(*) FROM turn_tickets"
-# The reference server's stream: a role-only chunk, then one write per piece.
-ROLE_AND_FIRST_PIECE = 2
 
 
 def query(dsn: str, sql: str, *params: Any) -> list[tuple[Any, ...]]:
@@ -462,8 +460,7 @@ async def test_events_on_another_bridge_follow_a_running_turn_and_replay_an_ende
     cluster = openai_cluster
     a, b = await cluster.start(), await cluster.start()
     session_id = await cluster.new_session(a)
-    openai_gate.writes.hold()
-    openai_gate.writes.release(ROLE_AND_FIRST_PIECE)
+    openai_gate.hold_writes_after(FIRST_PIECE_WRITES)
 
     async with cluster.http.post(
         f"{a.url}/v1/sessions/{session_id}/messages", json={"content": "tell me"},

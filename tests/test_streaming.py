@@ -19,7 +19,7 @@ from sessionbridge.upstream.reference_openai import (
 )
 from sessionbridge.upstream.reference_sessions import DevServerState
 from tests.conftest import Api, MakeApi, issue_token, problem
-from tests.doubles import HANG_TIMEOUT, ServerGate, wait_until
+from tests.doubles import FIRST_PIECE_WRITES, HANG_TIMEOUT, ServerGate, wait_until
 from tests.sse import Stream, joined, read_events
 
 STREAM = {"Accept": "text/event-stream"}
@@ -39,8 +39,6 @@ async def openai_server(
     openai_gate.release_all()
 
 
-# The reference server's stream: a role-only chunk, then one write per piece.
-ROLE_AND_FIRST_PIECE = 2
 
 
 @pytest.fixture
@@ -96,8 +94,7 @@ async def test_openai_replies_stream_piece_by_piece(
 ) -> None:
     api = await openai_api_factory()
     session_id = await api.new_session()
-    openai_gate.writes.hold()
-    openai_gate.writes.release(ROLE_AND_FIRST_PIECE)
+    openai_gate.hold_writes_after(FIRST_PIECE_WRITES)
 
     response = await api.send(session_id, "Tell me something", headers=STREAM)
     first = await read_events(response, stop_after_deltas=1)
@@ -135,8 +132,7 @@ async def test_a_reader_that_leaves_does_not_stop_the_turn_and_can_resume(
 ) -> None:
     api = await openai_api_factory()
     session_id = await api.new_session()
-    openai_gate.writes.hold()
-    openai_gate.writes.release(ROLE_AND_FIRST_PIECE)
+    openai_gate.hold_writes_after(FIRST_PIECE_WRITES)
     response = await api.send(session_id, "A long answer please", headers=STREAM)
     partial = await read_events(response, stop_after_deltas=1)
     question_id = partial.events[0].data["user_message"]["id"]
