@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,7 +14,6 @@ class Event:
     name: str
     data: Any
     id: int | None = None
-    at: float = field(default_factory=time.monotonic)
 
 
 @dataclass
