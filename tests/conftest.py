@@ -23,7 +23,15 @@ from sessionbridge.appkeys import AI_SERVER, STORE
 from sessionbridge.config import Settings, TokenRange
 from sessionbridge.tokens import hash_token, new_token
 from sessionbridge.upstream import AIServer
-from sessionbridge.upstream.reference_sessions import DevServerState, create_devserver_app
+from sessionbridge.upstream.reference_openai import (
+    OpenAIReferenceState,
+    create_openai_reference_app,
+)
+from sessionbridge.upstream.reference_sessions import (
+    DEFAULT_MAX_TOKENS_RANGE,
+    DevServerState,
+    create_devserver_app,
+)
 
 from .doubles import HANG_TIMEOUT, FakeAIServer, ServerGate, wait_until
 from .postgres import migrated_postgres_dsn, own_postgres, postgres_dsn, postgres_server
@@ -188,6 +196,108 @@ def make_api(aiohttp_client: AiohttpClient, settings: Settings) -> MakeApi:
 @pytest.fixture
 async def api(make_api: MakeApi) -> Api:
     return await make_api()
+
+
+# -- every flavour of AI server ------------------------------------------------------------
+
+FLAVORS = ("scenario", "init-session", "openai")
+
+
+class ReferenceAI:
+    """The reference AI server of one flavour, and the switches tests of every flavour turn.
+
+    ``state`` is the server's own state (``DevServerState`` for both seed
+    generations, ``OpenAIReferenceState`` for OpenAI-compatible): its
+    ``calls``, ``fail_next`` and ``empty_replies`` mean the same in both.
+    ``gate`` holds its chat requests.
+    """
+
+    def __init__(
+        self,
+        flavor: str,
+        state: DevServerState | OpenAIReferenceState,
+        server: TestServer,
+        gate: ServerGate,
+    ) -> None:
+        self.flavor = flavor
+        self.state = state
+        self.server = server
+        self.gate = gate
+
+    @property
+    def seed(self) -> bool:
+        """Whether it keeps sessions of its own (the seed protocol)."""
+        return isinstance(self.state, DevServerState)
+
+    def settings(self) -> dict[str, Any]:
+        """The bridge's settings that point at this server."""
+        if isinstance(self.state, DevServerState):
+            return {
+                "upstream_url": str(self.server.make_url("")).rstrip("/"),
+                "upstream_flavor": self.flavor,
+                "upstream_user": self.state.user,
+                "upstream_password": self.state.password,
+                "upstream_max_tokens": TokenRange(*self.state.max_tokens_range),
+            }
+        return {
+            "upstream_url": str(self.server.make_url("/v1")),
+            "upstream_flavor": "openai",
+            "upstream_max_tokens": TokenRange(1, 500),
+            "default_max_tokens": 20,
+        }
+
+    @property
+    def created(self) -> int:
+        """AI sessions the seed protocol created (its /scenario or /init-session calls)."""
+        assert isinstance(self.state, DevServerState), "only the seed protocol keeps sessions"
+        return self.state.calls[self.flavor]
+
+    def restart(self) -> None:
+        """The AI server restarts: it forgets every session or cached prompt."""
+        if isinstance(self.state, DevServerState):
+            self.state.forget_sessions()
+        else:
+            self.state.restart()
+
+
+@pytest.fixture(params=FLAVORS)
+async def reference_ai(
+    request: pytest.FixtureRequest, aiohttp_server: AiohttpServer
+) -> AsyncIterator[ReferenceAI]:
+    """Each flavour's reference AI server in turn (the test runs once per flavour)."""
+    flavor: str = request.param
+    state: DevServerState | OpenAIReferenceState
+    if flavor == "openai":
+        state = OpenAIReferenceState()
+        gate = ServerGate("/v1/chat/completions")
+        app = create_openai_reference_app(state)
+    else:
+        state = DevServerState(flavor=flavor, max_tokens_range=DEFAULT_MAX_TOKENS_RANGE[flavor])
+        gate = ServerGate("/chat")
+        app = create_devserver_app(state)
+    yield ReferenceAI(flavor, state, await aiohttp_server(gate.install(app)), gate)
+    gate.release_all()
+
+
+@pytest.fixture
+def flavored_settings(tmp_path: Path, reference_ai: ReferenceAI) -> Settings:
+    return Settings(
+        db=str(tmp_path / "bridge.db"),
+        upstream_timeout=5.0,
+        health_timeout=0.5,
+        **reference_ai.settings(),
+    )
+
+
+@pytest.fixture
+def make_flavored_api(aiohttp_client: AiohttpClient, flavored_settings: Settings) -> MakeApi:
+    """Start a bridge in front of ``reference_ai`` (optionally with changed settings)."""
+
+    async def make(**changes: Any) -> Api:
+        client = await aiohttp_client(create_app(dataclasses.replace(flavored_settings, **changes)))
+        return Api(client, await issue_token(client.app, "test"))
+
+    return make
 
 
 def answering_with(app: web.Application, ai: AIServer) -> web.Application:
