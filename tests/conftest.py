@@ -252,6 +252,14 @@ class ReferenceAI:
         assert isinstance(self.state, DevServerState), "only the seed protocol keeps sessions"
         return self.state.calls[self.flavor]
 
+    def set_ready(self, ready: bool) -> None:
+        """The AI server says it is healthy, or not (a seed server unhealthy, an
+        OpenAI-compatible one loading its model)."""
+        if isinstance(self.state, DevServerState):
+            self.state.healthy = ready
+        else:
+            self.state.loading = not ready
+
     def restart(self) -> None:
         """The AI server restarts: it forgets every session or cached prompt."""
         if isinstance(self.state, DevServerState):

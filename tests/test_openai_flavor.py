@@ -4,8 +4,8 @@ The AI server is the reference OpenAI-compatible server (a deterministic
 double with a simulated prompt cache per slot) as llama.cpp, vLLM or Ollama
 answer; `make test-real` runs the same path against a real llama-server.
 What every flavour of AI server shares (a conversation made once and reused,
-recovery after a restart, empty replies, silence, a server gone) is tested
-once for each in test_conversation.py.
+recovery after a restart, empty replies, silence, a server gone, readiness)
+is tested once for each in test_conversation.py and test_readiness.py.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from sessionbridge.upstream.reference_openai import (
     OpenAIReferenceState,
     create_openai_reference_app,
 )
-from tests.conftest import Api, MakeApi, problem, readyz_becomes
+from tests.conftest import Api, MakeApi, problem
 
 
 @pytest.fixture
@@ -261,16 +261,6 @@ async def test_prompt_tokens_are_counted_by_source(
     )
     assert f'sessionbridge_prompt_tokens_total{{source="cached"}} {float(cached)}' in text
     assert f'sessionbridge_prompt_tokens_total{{source="computed"}} {float(computed)}' in text
-
-
-async def test_readiness_follows_the_server_loading_a_model(
-    api: Api, openai_state: OpenAIReferenceState
-) -> None:
-    openai_state.loading = True
-    await readyz_becomes(api, 503)
-
-    openai_state.loading = False
-    await readyz_becomes(api, 200)
 
 
 def test_slot_save_needs_a_folder() -> None:

@@ -21,7 +21,7 @@ from sessionbridge.appkeys import READINESS
 from sessionbridge.config import Settings
 from sessionbridge.upstream.reference_sessions import DevServerState, create_devserver_app
 
-from .conftest import Api, MakeApi, readyz, readyz_becomes
+from .conftest import Api, MakeApi, ReferenceAI, readyz, readyz_becomes
 from .doubles import ServerGate, wait_until
 
 PROBE_EVERY = 0.1
@@ -67,16 +67,16 @@ async def test_ready_when_database_and_ai_server_are_healthy(api: Api) -> None:
     assert (body["database"], body["upstream"]) == ("ok", "healthy")
 
 
-async def test_not_ready_when_the_ai_server_is_unhealthy_and_ready_again_after(
-    make_api: MakeApi, ai_state: DevServerState
+async def test_not_ready_while_the_ai_server_says_so_and_ready_again_after(
+    make_flavored_api: MakeApi, reference_ai: ReferenceAI
 ) -> None:
-    api = await make_api(ready_interval=PROBE_EVERY)
-    ai_state.healthy = False
+    api = await make_flavored_api(ready_interval=PROBE_EVERY)
+    reference_ai.set_ready(False)
 
     body = await readyz_becomes(api, 503)
-    assert "unhealthy" in body["detail"]
+    assert ("unhealthy" if reference_ai.seed else "not ready") in body["detail"]
 
-    ai_state.healthy = True
+    reference_ai.set_ready(True)
     assert (await readyz_becomes(api, 200))["upstream"] == "healthy"
 
 

@@ -17,8 +17,7 @@ from sessionbridge.upstream.reference_openai import (
     OpenAIReferenceState,
     create_openai_reference_app,
 )
-from sessionbridge.upstream.reference_sessions import DevServerState
-from tests.conftest import Api, MakeApi, issue_token, problem
+from tests.conftest import Api, MakeApi, ReferenceAI, issue_token, problem
 from tests.doubles import FIRST_PIECE_WRITES, HANG_TIMEOUT, ServerGate, wait_until
 from tests.sse import Stream, joined, read_events
 
@@ -76,17 +75,24 @@ def check_complete(stream: Stream, stored: list[dict[str, Any]]) -> None:
     assert stream.events[0].data["user_message"]["status"] == "pending"
 
 
-async def test_seed_protocol_streams_its_reply_as_one_delta(api: Api) -> None:
+async def test_a_streamed_turn_is_complete_for_every_flavour(
+    make_flavored_api: MakeApi, reference_ai: ReferenceAI
+) -> None:
+    api = await make_flavored_api()
     session_id = await api.new_session()
 
     first = await streamed(api, session_id, "Hello")
     second = await streamed(api, session_id, "Again")
 
     stored = await api.messages(session_id)
+    check_complete(first, stored[:2])
     check_complete(second, stored)
-    assert len(first.deltas) == len(second.deltas) == 1
     assert first.events[-1].data["ai_session"] == "created"
     assert second.events[-1].data["ai_session"] == "reused"
+    if reference_ai.seed:
+        assert len(first.deltas) == len(second.deltas) == 1  # this protocol does not stream
+    else:
+        assert len(first.deltas) > 1 and len(second.deltas) > 1
 
 
 async def test_openai_replies_stream_piece_by_piece(
@@ -290,10 +296,11 @@ async def test_another_keys_events_are_not_found(api: Api) -> None:
 
 
 async def test_a_failed_turns_events_end_with_its_error(
-    api: Api, ai_state: DevServerState
+    make_flavored_api: MakeApi, reference_ai: ReferenceAI
 ) -> None:
+    api = await make_flavored_api()
     session_id = await api.new_session()
-    ai_state.fail_next.append(500)
+    reference_ai.state.fail_next.append(500)
     live = await streamed(api, session_id, "Hello")
     question_id = live.events[0].data["user_message"]["id"]
 
