@@ -316,7 +316,7 @@ def answering_with(app: web.Application, ai: AIServer) -> web.Application:
     after it (the conversations, readiness) talks to ``ai``.
     """
 
-    def swapping(context: Callable[[web.Application], AsyncIterator[None]]) -> Any:
+    def swapping(context: Callable[[web.Application], Any]) -> Any:
         async def swapped(app: web.Application) -> AsyncIterator[None]:
             inner = aiter(context(app))
             await anext(inner)

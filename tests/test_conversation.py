@@ -328,7 +328,7 @@ async def test_messages_of_one_session_are_answered_in_arrival_order(
     for n in range(1, 5):
         sends.append(asyncio.create_task(api.send(session_id, f"q{n}")))
         # Arrival order is the order of the sends: each is queued before the next.
-        await wait_until(lambda n=n: api.app[CONVERSATIONS].locks.waiting(session_id) == n)
+        await wait_until(lambda: api.app[CONVERSATIONS].locks.waiting(session_id) == len(sends) - 1)
     fake.release()
     await asyncio.gather(*sends)
 

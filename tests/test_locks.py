@@ -27,7 +27,7 @@ async def test_waiters_are_served_in_arrival_order() -> None:
     await inside.wait_entered()
     for n in range(1, 6):
         tasks.append(asyncio.create_task(turn(n)))
-        await wait_until(lambda n=n: locks.waiting("s") == n)  # queued before the next comes
+        await wait_until(lambda: locks.waiting("s") == len(tasks) - 1)  # queued first
     inside.release()
     await asyncio.gather(*tasks)
 

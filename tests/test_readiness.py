@@ -48,10 +48,14 @@ async def ai_server(
 
 async def probes_done(api: Api, count: int) -> None:
     """Return once ``count`` more background probes have ended (each began after the last)."""
-    probe = api.app[READINESS]
     for _ in range(count):
-        seen = probe.latest.checked_at
-        await wait_until(lambda seen=seen: probe.latest.checked_at > seen)
+        await next_probe_done(api)
+
+
+async def next_probe_done(api: Api) -> None:
+    probe = api.app[READINESS]
+    seen = probe.latest.checked_at
+    await wait_until(lambda: probe.latest.checked_at > seen)
 
 
 async def test_healthz_answers_without_a_token(api: Api) -> None:

@@ -339,7 +339,7 @@ async def test_a_bridge_killed_mid_turn_frees_its_session_within_the_lease(
     # Its question ends failed without anyone asking, once the lease has run
     # out (and the next beat of the live bridge has seen it).
     async def failed() -> bool:
-        return (await cluster.messages(b, session_id))[2]["status"] != "pending"
+        return bool((await cluster.messages(b, session_id))[2]["status"] != "pending")
 
     await wait_until(failed, TEST_LEASE * 2 + HANG_TIMEOUT, "still pending", every=0.1)
     status, body, _ = await cluster.send(b, session_id, "after")

@@ -355,7 +355,7 @@ async def test_stalled_readers_do_not_slow_the_turn(
         response.close()
 
         async def answered() -> bool:
-            return (await api.messages(session_id))[-1]["role"] == "assistant"
+            return bool((await api.messages(session_id))[-1]["role"] == "assistant")
 
         await wait_until(answered, message="the turn did not end while readers stalled")
     finally:
