@@ -22,7 +22,8 @@
     Polls observed state (a counter, a row, an HTTP answer) until it holds,
     with a deadline that only keeps a broken test from hanging.
 
-Nothing here sleeps to let something happen.
+Nothing here sleeps in the hope that something has happened meanwhile:
+waits end on an event, or on what ``wait_until`` sees.
 """
 
 from __future__ import annotations
@@ -109,9 +110,10 @@ class Gate:
 
     Open by default. :meth:`hold` closes it: calls arriving afterwards wait at
     it (in arrival order) until :meth:`release` lets them go, all of them and
-    every later one, or only ``count`` of them (further ones then wait again).
-    ``entered`` counts the calls that reached the gate, ``passed`` those that
-    went through, ``waiting`` those held there now.
+    every later one, or only the next ``count`` (held now or still to come;
+    the ones after them wait again). ``entered`` counts the calls that reached
+    the gate, ``passed`` those that went through, ``waiting`` those held there
+    now; :meth:`wait_entered` and :meth:`wait_held` wait for those counts.
     """
 
     def __init__(self) -> None:
@@ -132,7 +134,7 @@ class Gate:
         self._allowance = 0
 
     def release(self, count: int | None = None) -> None:
-        """Let every call go (and keep the gate open), or only the next ``count`` of them."""
+        """Let every call go (and leave the gate open), or only the next ``count`` of them."""
         if count is None:
             self._held = False
             self._allowance = 0
@@ -157,13 +159,6 @@ class Gate:
         await self._changes.wait_for(
             lambda: len(self._queue) >= count, timeout,
             lambda: f"{count} calls held at the gate ({len(self._queue)} are)",
-        )
-
-    async def wait_passed(self, count: int = 1, timeout: float = HANG_TIMEOUT) -> None:
-        """Return once ``count`` calls in all have gone through the gate."""
-        await self._changes.wait_for(
-            lambda: self.passed >= count, timeout,
-            lambda: f"{count} calls through the gate ({self.passed} went)",
         )
 
     async def pass_through(self) -> None:
@@ -436,10 +431,6 @@ class ManualClock:
                 if waiter in self._sleepers:
                     self._sleepers.remove(waiter)
         return result
-
-    @property
-    def sleeping(self) -> int:
-        return len(self._sleepers)
 
     async def wait_sleeping(self, count: int = 1, timeout: float = HANG_TIMEOUT) -> None:
         """Return once ``count`` sleeps are waiting for a tick."""

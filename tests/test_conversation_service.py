@@ -11,14 +11,14 @@ import pytest
 
 from sessionbridge.config import Settings, TokenRange
 from sessionbridge.conversation import Conversations
-from sessionbridge.errors import BridgeError, UpstreamEmptyReply
+from sessionbridge.errors import BridgeError, FieldError, InvalidField, UpstreamEmptyReply
 from sessionbridge.metrics import Metrics
 from sessionbridge.records import ApiKey, TranscriptTurn
 from sessionbridge.schema import apply_migrations
 from sessionbridge.store import SqliteStore
 from sessionbridge.upstream.sessions import recent_transcript, recovery_scenario
 
-from .doubles import FakeAIServer
+from .doubles import FakeAIServer, FakeTurn, Gate
 
 
 @pytest.fixture
@@ -49,6 +49,21 @@ async def test_whitespace_reply_is_treated_as_empty(store: SqliteStore) -> None:
     assert ai.contents() == ["hello", "hello"]
 
 
+async def test_a_message_the_ai_server_refuses_is_never_stored(store: SqliteStore) -> None:
+    ai = FakeAIServer()
+    ai.refusal = InvalidField([FieldError("content", "longer than the AI server's context")])
+    service, key, session_id = await start(store, ai)
+
+    with pytest.raises(InvalidField):
+        await service.send(key, session_id, "far too long", None)
+
+    assert ai.calls == []
+    session = await store.get_session(key.id, session_id)
+    assert session is not None
+    assert await store.list_messages(session.pk, 10, None) == []
+    assert len(service.locks) == 0 and service.inflight == 0
+
+
 async def test_a_client_that_goes_away_does_not_stop_its_turn(store: SqliteStore) -> None:
     ai = FakeAIServer(lambda turn: "answered anyway")
     ai.hold()
@@ -66,6 +81,33 @@ async def test_a_client_that_goes_away_does_not_stop_its_turn(store: SqliteStore
     assert [(m.role, m.status, m.content) for m in messages] == [
         ("user", "answered", "still there?"), ("assistant", "answered", "answered anyway")
     ]
+
+
+async def test_a_follower_gets_each_piece_as_the_ai_server_sends_it(store: SqliteStore) -> None:
+    rest = Gate()
+    rest.hold()
+
+    async def handler(turn: FakeTurn) -> str:
+        await turn.delta("Hel")
+        await rest.pass_through()
+        await turn.delta("lo")
+        return "Hello"
+
+    service, key, session_id = await start(store, FakeAIServer(handler))
+    turn = await service.begin(key, session_id, "hi", None)
+    assert turn.question is not None
+    await rest.wait_held()  # the first piece is out, the AI server holds back the rest
+
+    events = await service.follow(key, session_id, turn.question.id)
+    assert [(e.name, e.id) for e in events.since(0)] == [("turn.started", None), ("reply.delta", 1)]
+    rest.release()
+    followed = [e async for e in events.follow()]
+
+    assert [e.name for e in followed] == [
+        "turn.started", "reply.delta", "reply.delta", "turn.completed"
+    ]
+    assert "".join(e.data["text"] for e in followed if e.id is not None) == "Hello"
+    assert (await turn.outcome).reply.content == "Hello"
 
 
 async def test_a_turn_cut_off_by_shutdown_is_stored_as_failed(store: SqliteStore) -> None:
