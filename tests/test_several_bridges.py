@@ -322,7 +322,7 @@ async def test_a_key_revoked_through_one_bridge_is_refused_by_the_other_within_t
 
 
 async def test_a_bridge_killed_mid_turn_frees_its_session_within_the_lease(
-    cluster: Cluster, ai_state: DevServerState, ai_gate: ServerGate
+    cluster: Cluster, ai_gate: ServerGate
 ) -> None:
     a, b = await cluster.start(), await cluster.start()
     session_id = await cluster.new_session(a)
@@ -352,7 +352,7 @@ async def test_a_bridge_killed_mid_turn_frees_its_session_within_the_lease(
 
 
 async def test_the_next_message_on_another_bridge_waits_out_a_dead_turns_lease(
-    cluster: Cluster, ai_state: DevServerState, ai_gate: ServerGate
+    cluster: Cluster, ai_gate: ServerGate
 ) -> None:
     a, b = await cluster.start(), await cluster.start()
     session_id = await cluster.new_session(a)
@@ -376,7 +376,7 @@ async def test_the_next_message_on_another_bridge_waits_out_a_dead_turns_lease(
 
 
 async def test_a_bridge_starting_does_not_fail_the_turns_running_on_another(
-    cluster: Cluster, ai_state: DevServerState, ai_gate: ServerGate
+    cluster: Cluster, ai_gate: ServerGate
 ) -> None:
     a = await cluster.start()
     session_id = await cluster.new_session(a)
