@@ -110,7 +110,8 @@ def test_every_committed_subpackage_is_shipped(installed: Installed) -> None:
 
 def test_the_installed_package_is_not_the_checkout(installed: Installed) -> None:
     done = subprocess.run(
-        [installed.python, "-c", "import sessionbridge.store.schema as s; print(s.migrations_dir())"],
+        [installed.python, "-c",
+         "import sessionbridge.store.schema as s; print(s.migrations_dir())"],
         capture_output=True, text=True, env=clean_env(), cwd=installed.workdir, timeout=60,
     )
 
