@@ -167,6 +167,8 @@ class SqliteStore:
         # the event loop a wake-up and a turn of the GIL, the largest single
         # cost of a turn under load (keycache.py says what is trusted how long).
         self._keys = KeyCache(key_cache_seconds)
+        # Sessions whose last turn could not write its failure (a full disk).
+        self._unsettled: set[int] = set()
         self._checkpoints = asyncio.create_task(self._checkpoint_forever(), name="wal-checkpoint")
 
     @classmethod
@@ -598,8 +600,13 @@ class SqliteStore:
         draft = self._draft("user", content, "pending")
         before = [self._draft(item.role, item.content, "answered") for item in context]
 
+        # Only a session whose last turn could not record its failure needs
+        # the look for a leftover pending question: not every turn's write.
+        stale = session_pk in self._unsettled
+
         def write(db: sqlite3.Connection) -> Message:
-            self._fail_stale_question(db, session_pk)
+            if stale:
+                self._fail_stale_question(db, session_pk)
             if idempotency is not None:
                 self._check_key_free(db, idempotency)
             for item in before:
@@ -616,7 +623,9 @@ class SqliteStore:
                 )
             return message
 
-        return await self._writer.run(write)
+        message = await self._writer.run(write)
+        self._unsettled.discard(session_pk)
+        return message
 
     @staticmethod
     def _fail_stale_question(db: sqlite3.Connection, session_pk: int) -> None:
@@ -701,7 +710,12 @@ class SqliteStore:
                     (idempotency.api_key_id, idempotency.key),
                 )
 
-        await self._writer.run(write)
+        try:
+            await self._writer.run(write)
+        except StorageUnavailable:
+            # The question stays pending: the session's next turn fails it first.
+            self._unsettled.add(session_pk)
+            raise
 
     # -- responses of the OpenAI face ------------------------------------------------------
 
