@@ -11,6 +11,7 @@ from aiohttp import ClientResponse, DummyCookieJar, encode_basic_auth, web
 from aiohttp.test_utils import TestClient
 from pytest_aiohttp import AiohttpClient
 
+from sessionbridge.reference import seed_server as reference_sessions
 from sessionbridge.reference.seed_server import (
     DEVSERVER_STATE,
     DevServerState,
@@ -19,7 +20,6 @@ from sessionbridge.reference.seed_server import (
     main,
     reply_for,
 )
-from sessionbridge.upstream import reference_sessions
 
 from .doubles import ManualClock, ServerGate
 

@@ -16,6 +16,7 @@ from aiohttp import ClientResponse, web
 from aiohttp.test_utils import TestClient
 from pytest_aiohttp import AiohttpClient
 
+from sessionbridge.reference import openai_server as reference_openai
 from sessionbridge.reference.openai_cache import (
     prompt_pieces,
     render_chat,
@@ -29,7 +30,6 @@ from sessionbridge.reference.openai_server import (
     create_openai_reference_app,
     main,
 )
-from sessionbridge.upstream import reference_openai
 
 from .doubles import ManualClock, wait_until
 from .processes import clean_env, free_port
