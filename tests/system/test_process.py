@@ -22,9 +22,8 @@ from aiohttp.test_utils import TestServer
 from pytest_aiohttp import AiohttpServer
 
 from sessionbridge.reference.seed_server import DevServerState, create_devserver_app
-
-from .doubles import HANG_TIMEOUT, ServerGate, wait_until
-from .processes import (
+from tests.doubles import HANG_TIMEOUT, ServerGate, wait_until
+from tests.processes import (
     SIGKILL,
     SIGTERM,
     Bridge,
