@@ -37,7 +37,7 @@ TRIED_THE_MIGRATION_LOCK = (
 )
 SCHEMA_TABLES = {
     "api_keys", "chat_sessions", "messages", "idempotency_keys",
-    "bridges", "turn_tickets", "turn_relay", "responses",
+    "bridges", "turn_tickets", "turn_relay", "responses", "idempotent_results",
 }
 
 

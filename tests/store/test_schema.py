@@ -59,7 +59,10 @@ def test_each_database_names_its_own_migrations_folder() -> None:
 
 def test_migrations_apply_roll_back_and_apply_again(tmp_path: Path) -> None:
     path = tmp_path / "m.db"
-    expected = {"api_keys", "chat_sessions", "messages", "idempotency_keys", "responses"}
+    expected = {
+        "api_keys", "chat_sessions", "messages", "idempotency_keys", "responses",
+        "idempotent_results",
+    }
 
     assert apply_migrations(str(path)) >= 1
     assert tables(path) == expected
