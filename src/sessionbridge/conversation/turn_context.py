@@ -13,13 +13,21 @@ class TurnContext:
     """The ``upstream.base.TurnContext`` a turn hands its adapter."""
 
     def __init__(
-        self, store: Store, rows: SessionRows, session: ChatSession, content: str, max_tokens: int
+        self,
+        store: Store,
+        rows: SessionRows,
+        session: ChatSession,
+        content: str,
+        max_tokens: int,
+        affinity_key: str | None = None,
     ) -> None:
         self._store = store
         self._rows = rows
         self.session = session
         self.content = content
         self.max_tokens = max_tokens
+        # Turns with one key go to one AI server among several: the session's, by default.
+        self.affinity_key = session.id if affinity_key is None else affinity_key
 
     @property
     def state(self) -> str | None:
