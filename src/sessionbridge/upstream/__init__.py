@@ -5,7 +5,9 @@
     sessions.py  the seed protocol, both generations (scenario, init-session)
     openai/      OpenAI-compatible chat completions (llama.cpp, vLLM, Ollama ...)
     slots.py     llama.cpp's slot files, one per conversation
-    connect.py   the adapter for the configured flavor
+    connect.py   the adapter for the configured flavor (a pool when several URLs)
+    replicas.py  several AI servers of one model: affinity, failover, the way back
+    placement.py where a conversation goes among them (rendezvous hashing, a load bound)
 
 Importing this package loads only the interface: the conversation rules
 import it and must not load an HTTP library. The reference servers that
@@ -15,6 +17,6 @@ stand in for an AI server in ``make run`` and the tests are in
 
 from __future__ import annotations
 
-from .base import AIServer, DeltaSink, HealthReport, Reply, TurnContext
+from .base import AIServer, DeltaSink, HealthReport, ReplicaHealth, Reply, TurnContext
 
-__all__ = ["AIServer", "DeltaSink", "HealthReport", "Reply", "TurnContext"]
+__all__ = ["AIServer", "DeltaSink", "HealthReport", "ReplicaHealth", "Reply", "TurnContext"]
