@@ -80,6 +80,20 @@ def test_a_busy_answer_keeps_it_out_until_its_retry_after(clock: Clock) -> None:
     assert one.state == "healthy"
 
 
+def test_a_seed_protocol_busy_answer_keeps_it_out_until_its_retry_after_too(
+    clock: Clock,
+) -> None:
+    one = replica()
+    one.failed(ServerFailed("/chat answered 503", busy_for=2))
+
+    clock.now += 1
+    one.probed(HEALTHY, clock.now, GRACE)
+    assert one.state == "out"
+    clock.now += 1
+    one.probed(HEALTHY, clock.now, GRACE)
+    assert one.state == "healthy"
+
+
 def test_a_silent_health_check_is_busy_while_it_runs_turns_or_answered_lately(
     clock: Clock,
 ) -> None:

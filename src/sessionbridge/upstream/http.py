@@ -37,7 +37,15 @@ RETRY_AFTER_DEFAULT = 5
 
 
 class ServerFailed(UpstreamError):
-    """The AI server answered 5xx or broke its answer off (502 ``upstream_error``)."""
+    """The AI server answered 5xx or broke its answer off (502 ``upstream_error``).
+
+    ``busy_for``: the ``Retry-After`` of a 429 or 503 (not sent to the client,
+    whose answer stays what it is with one AI server).
+    """
+
+    def __init__(self, detail: str, *, busy_for: int | None = None) -> None:
+        super().__init__(detail)
+        self.busy_for = busy_for
 
 
 class ServerBusy(UpstreamUnavailable):
@@ -53,7 +61,9 @@ def retry_after(response: aiohttp.ClientResponse) -> int:
 def status_error(response: aiohttp.ClientResponse, endpoint: str) -> UpstreamError:
     """The error for a refusal that is not the AI server's own failure (4xx), else ServerFailed."""
     message = f"{endpoint} answered {response.status}"
-    if response.status >= 500 or response.status == 429:
+    if response.status in (429, 503):
+        return ServerFailed(message, busy_for=retry_after(response))
+    if response.status >= 500:
         return ServerFailed(message)
     return UpstreamError(message)
 

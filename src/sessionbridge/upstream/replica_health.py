@@ -62,8 +62,11 @@ class Replica:
         """A turn found it failing: out until a probe started from now on passes."""
         now = time.monotonic()
         self.failed_at = now
-        if isinstance(exc, ServerBusy) and exc.retry_after:
-            self.back_after = now + exc.retry_after
+        busy_for = exc.retry_after if isinstance(exc, ServerBusy) else None
+        if isinstance(exc, ServerFailed):
+            busy_for = exc.busy_for
+        if busy_for:
+            self.back_after = now + busy_for
         detail = exc.detail if isinstance(exc, UpstreamFailure) else type(exc).__name__
         self._set("out", f"failed a turn: {detail}")
 
