@@ -15,7 +15,10 @@ Starts the reference AI server, the bridge and a minimal aiohttp passthrough
   load and AI server (several.py);
 - real: a real model (llama-server from `make model`): one long conversation
   with a restart, through the bridge and through a naive client, turn by turn
-  (real_model.py; skipped, with the reason, when .venv-model is absent).
+  (real_model.py; skipped, with the reason, when .venv-model is absent);
+- replicas: two real llama-servers behind the bridge's placement and behind
+  an nginx round robin, then one of them killed mid-run (replicas.py; skipped
+  without .venv-model or nginx).
 
 The figures go to stdout, bench/results/<timestamp>.json and .png. Targets
 are printed beside them and never asserted: the exit status says only
@@ -24,7 +27,7 @@ whether the benchmark ran, not how fast anything was.
     python bench/run.py                 # everything, a few minutes
     python bench/run.py --quick         # a smoke run: short, small databases
     python bench/run.py --only throughput,slow
-    python bench/run.py --no-real       # without the real model (--quick leaves it out too)
+    python bench/run.py --no-real       # without the real-model parts (--quick leaves them out)
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ import aiohttp
 import chart
 import phases
 import real_model
+import replicas
 import several
 from client import SetupError
 from loadgen import LoadGenerator
@@ -64,7 +68,10 @@ PHASES: dict[str, Callable[[phases.Context], Coroutine[Any, Any, dict[str, Any]]
     "memory": phases.memory,
     "several": several.phase,
     "real": real_model.phase,
+    "replicas": replicas.phase,
 }
+# The parts that run a real model: left out by --quick and --no-real.
+MODEL_PHASES = ("real", "replicas")
 
 # The issue's targets: printed with the figures, never asserted.
 TARGET_THROUGHPUT_RATIO = 0.5
@@ -90,7 +97,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--memory-timebox", type=float,
                         help="seconds allowed for using the stored sessions once")
     parser.add_argument("--real", action=argparse.BooleanOptionalAction, default=None,
-                        help="the real-model part (default: on, off with --quick)")
+                        help="the real-model parts, real and replicas"
+                             " (default: on, off with --quick)")
     parser.add_argument("--no-wrk", action="store_true",
                         help="use the Python load generator even when wrk is installed")
     parser.add_argument("--results", type=Path, default=BENCH_DIR / "results",
@@ -100,9 +108,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.phases = [name.strip() for name in args.only.split(",") if name.strip()]
     if args.real is False or (args.real is None and args.quick):
-        args.phases = [name for name in args.phases if name != "real"]
-    elif args.real and "real" not in args.phases:
-        args.phases.append("real")
+        args.phases = [name for name in args.phases if name not in MODEL_PHASES]
+    elif args.real:
+        args.phases += [name for name in MODEL_PHASES if name not in args.phases]
     unknown = set(args.phases) - set(PHASES)
     if unknown:
         parser.error(f"unknown part(s) {', '.join(sorted(unknown))};"
@@ -255,6 +263,8 @@ def print_report(report: dict[str, Any]) -> None:
         print()
     if "real" in report:
         real_model.print_report(report["real"])
+    if "replicas" in report:
+        replicas.print_report(report["replicas"])
     rows = target_rows(report)
     if rows:
         print("Targets (reported, never asserted)")
