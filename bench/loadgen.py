@@ -54,6 +54,12 @@ class LoadResult:
     # filled in by the caller, which knows the processes.
     server_cpu_ms: float | None = None
     ai_cpu_ms: float | None = None
+    # Of server_cpu_ms, what the main thread (the event loop) spent; and the
+    # measured server's context switches per message (thread hand-offs).
+    server_main_cpu_ms: float | None = None
+    server_switches: float | None = None
+    # Of server_cpu_ms, what the kernel spent for it (system time).
+    server_sys_cpu_ms: float | None = None
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -233,6 +239,9 @@ def median_result(results: list[LoadResult]) -> dict[str, Any]:
         "socket_errors": sum(r.socket_errors for r in results),
         "server_cpu_ms": _median_of(r.server_cpu_ms for r in results),
         "ai_cpu_ms": _median_of(r.ai_cpu_ms for r in results),
+        "server_main_cpu_ms": _median_of(r.server_main_cpu_ms for r in results),
+        "server_switches": _median_of(r.server_switches for r in results),
+        "server_sys_cpu_ms": _median_of(r.server_sys_cpu_ms for r in results),
     }
 
 

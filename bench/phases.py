@@ -10,6 +10,7 @@ nothing else runs in it meanwhile, and nothing is being measured.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import time
 from dataclasses import dataclass
@@ -23,6 +24,8 @@ from procs import Processes, Server, create_key
 from seed import SeededDb, seed
 
 CONCURRENCY_LEVELS = (1, 32)
+# The loop the bridge ships with (asyncio.run in `sessionbridge serve`).
+DEFAULT_LOOP = "asyncio"
 SLOW_AI_DELAY = 0.2
 # Measured sessions on the scale databases; created through the API.
 SCALE_MEASURED_SESSIONS = 64
@@ -47,12 +50,25 @@ class Plan:
     memory_sessions: int = 100_000
     memory_timebox: float = 180.0
     memory_connections: int = 32
+    # The throughput part runs bridge and passthrough on each of these loops.
+    loops: tuple[str, ...] = (DEFAULT_LOOP, "uvloop")
+    # The profile part (bench/profiling.py): one bridge at 32 connections.
+    profile_loop: str = DEFAULT_LOOP
+    profile_duration: float = 10.0
+    profile_rate: int = 100  # py-spy samples per second and thread
+    profile_native: bool = True  # C frames too (send, sqlite, the GC, orjson ...)
+    profile_cprofile: bool = True  # a second, deterministic profile of the loop thread
+    profile_nice: int = -15  # the bridge's niceness while py-spy samples it (root only)
+    # The garbage collector's settings to try on the profiled bridge (launch.py's
+    # --gc-threshold and --gc-freeze-after); none by default: the bridge as it ships.
+    profile_gc_threshold: str | None = None
+    profile_gc_freeze: bool = False
 
 
 QUICK_PLAN = Plan(
     duration=2.0, warmup=0.5, reps=1,
     scale_big=(1_000, 10), scale_duration=1.5, scale_reps=1,
-    memory_sessions=1_000, memory_timebox=20.0,
+    memory_sessions=1_000, memory_timebox=20.0, profile_duration=3.0,
 )
 
 
@@ -74,11 +90,17 @@ class Context:
         return self.seeded[key]
 
 
-def fresh_bridge(ctx: Context, name: str, ai: Server) -> tuple[Server, str]:
+def fresh_bridge(
+    ctx: Context, name: str, ai: Server, loop: str | None = None,
+    cprofile: Path | None = None, gc_stats: Path | None = None,
+    launch_options: list[str] | None = None,
+) -> tuple[Server, str]:
     """A bridge on a new database with one API key; returns it and the key's token."""
     db = ctx.workdir / f"{name}.db"
     token = create_key(db)
-    return ctx.procs.bridge(name, db, ai), token
+    bridge = ctx.procs.bridge(name, db, ai, loop=loop, cprofile=cprofile, gc_stats=gc_stats,
+                              launch_options=launch_options)
+    return bridge, token
 
 
 async def ready_sessions(
@@ -94,55 +116,107 @@ async def ready_sessions(
 # -- throughput and latency: bridge against the bare passthrough -----------------------------
 
 
+@dataclass(frozen=True)
+class Target:
+    """A server under load, with the request paths and the token it is loaded with."""
+
+    server: Server
+    paths: Path
+    token: str
+
+
+def target_name(kind: str, loop: str) -> str:
+    """"bridge" and "passthrough" on the default loop; "bridge@uvloop" and so on otherwise."""
+    return kind if loop == DEFAULT_LOOP else f"{kind}@{loop}"
+
+
 async def throughput(ctx: Context) -> dict[str, Any]:
+    """Bridge and passthrough on each loop of the plan, all four (or two) alternated in one run.
+
+    Each loop gets its own bridge (own database, own sessions) and its own
+    passthrough (the same session ids as that bridge), so every target is
+    loaded with byte-identical requests; all of them share one AI server.
+    """
     plan = ctx.plan
     ai = ctx.procs.devserver("ai", delay=0)
-    bridge, token = fresh_bridge(ctx, "bridge", ai)
-    rss_idle = bridge.rss_mb()
-    session_ids, warm_kinds = await ready_sessions(bridge, token, plan.sessions)
-    ids_file = ctx.workdir / "throughput-sessions.txt"
-    ids_file.write_text("".join(sid + "\n" for sid in session_ids))
-    # Same session ids on both targets, so both get byte-identical requests.
-    passthrough = ctx.procs.passthrough("passthrough", ai, ids_file)
-    paths = write_paths(ctx.workdir / "throughput-paths.txt", session_ids)
-    targets = {"bridge": bridge, "passthrough": passthrough}
+    targets: dict[str, Target] = {}
+    setup: dict[str, dict[str, Any]] = {}
+    for loop in plan.loops:
+        bridge, token = fresh_bridge(ctx, f"bridge-{loop}", ai, loop=loop)
+        rss_idle = bridge.rss_mb()
+        session_ids, warm_kinds = await ready_sessions(bridge, token, plan.sessions)
+        ids_file = ctx.workdir / f"throughput-sessions-{loop}.txt"
+        ids_file.write_text("".join(sid + "\n" for sid in session_ids))
+        # Same session ids on both targets, so both get byte-identical requests.
+        passthrough = ctx.procs.passthrough(f"passthrough-{loop}", ai, ids_file, loop=loop)
+        paths = write_paths(ctx.workdir / f"throughput-paths-{loop}.txt", session_ids)
+        targets[target_name("bridge", loop)] = Target(bridge, paths, token)
+        targets[target_name("passthrough", loop)] = Target(passthrough, paths, token)
+        setup[loop] = {"rss_idle": rss_idle, "warm_kinds": warm_kinds}
 
-    async with BridgeClient(bridge.url, token) as client:
-        before = await client.metrics()
-        runs = await _alternate(ctx, targets, ai, paths, token)
-        after = await client.wait_idle()
-
-    levels: dict[str, Any] = {}
-    for connections in CONCURRENCY_LEVELS:
-        level: dict[str, Any] = {
-            name: median_result(runs[name][connections]) for name in targets
+    async with contextlib.AsyncExitStack() as stack:
+        clients = {
+            loop: await stack.enter_async_context(BridgeClient(
+                targets[target_name("bridge", loop)].server.url,
+                targets[target_name("bridge", loop)].token,
+            ))
+            for loop in plan.loops
         }
-        level["runs"] = {name: [r.to_dict() for r in runs[name][connections]] for name in targets}
-        b, p = level["bridge"], level["passthrough"]
-        level["throughput_ratio"] = b["rps"] / p["rps"] if p["rps"] else None
-        level["p50_ratio"] = b["p50_ms"] / p["p50_ms"] if p["p50_ms"] else None
-        level["p99_ratio"] = b["p99_ms"] / p["p99_ms"] if p["p99_ms"] else None
-        level["added_p50_ms"] = b["p50_ms"] - p["p50_ms"]
-        levels[str(connections)] = level
+        before = {loop: await client.metrics() for loop, client in clients.items()}
+        runs = await _alternate(ctx, targets, ai)
+        after = {loop: await client.wait_idle() for loop, client in clients.items()}
+
+    by_loop: dict[str, Any] = {}
+    for loop in plan.loops:
+        bridge_name = target_name("bridge", loop)
+        passthrough_name = target_name("passthrough", loop)
+        levels: dict[str, Any] = {}
+        for connections in CONCURRENCY_LEVELS:
+            level: dict[str, Any] = {
+                "bridge": median_result(runs[bridge_name][connections]),
+                "passthrough": median_result(runs[passthrough_name][connections]),
+            }
+            level["runs"] = {
+                "bridge": [r.to_dict() for r in runs[bridge_name][connections]],
+                "passthrough": [r.to_dict() for r in runs[passthrough_name][connections]],
+            }
+            b, p = level["bridge"], level["passthrough"]
+            level["throughput_ratio"] = b["rps"] / p["rps"] if p["rps"] else None
+            level["p50_ratio"] = b["p50_ms"] / p["p50_ms"] if p["p50_ms"] else None
+            level["p99_ratio"] = b["p99_ms"] / p["p99_ms"] if p["p99_ms"] else None
+            level["added_p50_ms"] = b["p50_ms"] - p["p50_ms"]
+            b_cpu, p_cpu = b["server_cpu_ms"], p["server_cpu_ms"]
+            level["cpu_ratio"] = b_cpu / p_cpu if b_cpu is not None and p_cpu else None
+            levels[str(connections)] = level
+        bridge = targets[bridge_name].server
+        by_loop[loop] = {
+            "loop": loop,
+            "warm_up_kinds": setup[loop]["warm_kinds"],
+            "levels": levels,
+            # Every measured turn should have reused its AI session.
+            "ai_sessions_during_runs": {
+                kind: ai_sessions(after[loop], kind) - ai_sessions(before[loop], kind)
+                for kind in ("created", "reused", "recovered")
+            },
+            "bridge_rss_idle_mb": setup[loop]["rss_idle"],
+            "bridge_rss_after_mb": bridge.rss_mb(),
+            "bridge_peak_rss_mb": bridge.peak_rss_mb(),
+            "passthrough_peak_rss_mb": targets[passthrough_name].server.peak_rss_mb(),
+        }
+    # The default loop's figures stay at the top level (the targets and the
+    # chart read them there); every loop's are under "loops".
+    primary = DEFAULT_LOOP if DEFAULT_LOOP in by_loop else plan.loops[0]
     result = {
         "generator": ctx.load.name,
         "sessions": plan.sessions,
         "duration_s": plan.duration,
         "reps": plan.reps,
-        "warm_up_kinds": warm_kinds,
-        "levels": levels,
-        # Every measured turn should have reused its AI session.
-        "ai_sessions_during_runs": {
-            kind: ai_sessions(after, kind) - ai_sessions(before, kind)
-            for kind in ("created", "reused", "recovered")
-        },
-        "bridge_rss_idle_mb": rss_idle,
-        "bridge_rss_after_mb": bridge.rss_mb(),
-        "bridge_peak_rss_mb": bridge.peak_rss_mb(),
-        "passthrough_peak_rss_mb": passthrough.peak_rss_mb(),
+        **by_loop[primary],
+        "loops": by_loop,
     }
-    for server in (passthrough, bridge, ai):
-        ctx.procs.stop(server)
+    for target in targets.values():
+        ctx.procs.stop(target.server)
+    ctx.procs.stop(ai)
     return result
 
 
@@ -150,41 +224,58 @@ async def measured_run(
     ctx: Context, target: Server, ai: Server, paths: Path, token: str,
     connections: int, duration: float,
 ) -> LoadResult:
-    """One load run, with the CPU time the target and the AI server spent per message."""
-    target_cpu, ai_cpu = target.cpu_seconds(), ai.cpu_seconds()
+    """One load run, with the CPU time the target and the AI server spent per message.
+
+    CPU is read from /proc before and after the run: the target's whole
+    process, its main thread (the event loop) and its system time, and its
+    context switches.
+    """
+    def read() -> tuple[float, float, float, float, float]:
+        return (target.cpu_seconds(), target.main_thread_cpu_seconds(),
+                target.context_switches(), target.system_cpu_seconds(), ai.cpu_seconds())
+
+    before = read()
     result = await ctx.load.run(target.url, paths, token, connections, duration)
+    after = read()
     per_message = 1000 / max(result.requests, 1)
     return dataclasses.replace(
         result,
-        server_cpu_ms=(target.cpu_seconds() - target_cpu) * per_message,
-        ai_cpu_ms=(ai.cpu_seconds() - ai_cpu) * per_message,
+        server_cpu_ms=(after[0] - before[0]) * per_message,
+        server_main_cpu_ms=(after[1] - before[1]) * per_message,
+        server_switches=(after[2] - before[2]) / max(result.requests, 1),
+        server_sys_cpu_ms=(after[3] - before[3]) * per_message,
+        ai_cpu_ms=(after[4] - before[4]) * per_message,
     )
 
 
 async def _alternate(
-    ctx: Context, targets: dict[str, Server], ai: Server, paths: Path, token: str
+    ctx: Context, targets: dict[str, Target], ai: Server
 ) -> dict[str, dict[int, list[LoadResult]]]:
-    """Runs every target at every level, alternating targets so drift hits both alike."""
+    """Runs every target at every level, alternating targets so drift hits all alike."""
     plan = ctx.plan
     runs: dict[str, dict[int, list[LoadResult]]] = {
         name: {c: [] for c in CONCURRENCY_LEVELS} for name in targets
     }
     names = list(targets)
+    width = max(len(name) for name in names)
     for connections in CONCURRENCY_LEVELS:
-        for name in names:  # unrecorded: opens connections, fills caches
-            await ctx.load.run(targets[name].url, paths, token, connections, plan.warmup)
+        for target in targets.values():  # unrecorded: opens connections, fills caches
+            await ctx.load.run(target.server.url, target.paths, target.token, connections,
+                               plan.warmup)
         for rep in range(plan.reps):
             # A, B then B, A: a slow drift of the machine cancels out over two reps.
             order = names if rep % 2 == 0 else names[::-1]
             for name in order:
+                target = targets[name]
                 result = await measured_run(
-                    ctx, targets[name], ai, paths, token, connections, plan.duration
+                    ctx, target.server, ai, target.paths, target.token, connections,
+                    plan.duration,
                 )
                 runs[name][connections].append(result)
-                print(f"  {name:<11} c={connections:<3} rep {rep + 1}: {result.rps:8.0f} msg/s"
-                      f"  p50 {result.p50_ms:6.2f} ms  p99 {result.p99_ms:6.2f} ms"
-                      f"  CPU/msg {result.server_cpu_ms:.2f} ms (AI server"
-                      f" {result.ai_cpu_ms:.2f} ms)"
+                print(f"  {name:<{width}} c={connections:<3} rep {rep + 1}: {result.rps:8.0f}"
+                      f" msg/s  p50 {result.p50_ms:6.2f} ms  p99 {result.p99_ms:6.2f} ms"
+                      f"  CPU/msg {result.server_cpu_ms:.2f} ms (loop thread"
+                      f" {result.server_main_cpu_ms:.2f}; AI server {result.ai_cpu_ms:.2f})"
                       f"  errors {result.http_errors + result.socket_errors}", flush=True)
     return runs
 

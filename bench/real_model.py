@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from llama_server import LlamaServer, LlamaServerFailed, missing_reason
+from llama_server import MODEL_NAME, LlamaServer, LlamaServerFailed, missing_reason
 from procs import clean_env, create_key, free_port
 
 SCENARIO = (
@@ -338,7 +338,8 @@ async def measure(workdir: Path) -> dict[str, Any]:
         llama.stop()
     return {
         "first_token": first_token,
-        "model": "Gemma 3 270M Q4_K_M (llama.cpp llama-server, 2 slots of 2048 tokens)",
+        "model": f"{MODEL_NAME} (llama.cpp llama-server, {llama.parallel} slots of"
+                 f" {llama.ctx_size // llama.parallel} tokens)",
         "budget_tokens": BUDGET,
         "reply_tokens": REPLY_TOKENS,
         "restart_before_turn": RESTART_BEFORE,

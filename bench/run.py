@@ -4,7 +4,11 @@ Starts the reference AI server, the bridge and a minimal aiohttp passthrough
 (bench/passthrough.py) as separate processes on 127.0.0.1 and measures:
 
 - throughput: messages/s and p50/p99 latency at 1 and 32 clients over a few
-  hundred sessions, bridge and passthrough alternately, and their ratios;
+  hundred sessions, bridge and passthrough alternately, and their ratios, CPU
+  per turn of each; on the default asyncio loop and on uvloop side by side;
+- profile: where a bridge turn's CPU goes at 32 connections: py-spy samples of
+  every thread and a cProfile of the event loop's thread (profiling.py), the
+  tables in bench/results/<timestamp>-profile.txt;
 - scale: p50 turn latency with about a thousand and with a million stored
   messages (100 thousand sessions);
 - slow: 200 sessions x 5 turns at once against a 200 ms AI server, wall time
@@ -28,6 +32,7 @@ whether the benchmark ran, not how fast anything was.
     python bench/run.py --quick         # a smoke run: short, small databases
     python bench/run.py --only throughput,slow
     python bench/run.py --no-real       # without the real-model parts (--quick leaves them out)
+    python bench/run.py --only throughput,profile --no-uvloop
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ from typing import Any
 import aiohttp
 import chart
 import phases
+import profiling
 import real_model
 import replicas
 import several
@@ -63,6 +69,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
 PHASES: dict[str, Callable[[phases.Context], Coroutine[Any, Any, dict[str, Any]]]] = {
     "throughput": phases.throughput,
+    "profile": profiling.phase,
     "scale": phases.scale,
     "slow": phases.slow,
     "memory": phases.memory,
@@ -99,6 +106,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--real", action=argparse.BooleanOptionalAction, default=None,
                         help="the real-model parts, real and replicas"
                              " (default: on, off with --quick)")
+    parser.add_argument("--uvloop", action=argparse.BooleanOptionalAction, default=True,
+                        help="also run the throughput part's bridge and passthrough on uvloop,"
+                        " beside the default asyncio loop (default: on)")
+    parser.add_argument("--profile-loop", choices=("asyncio", "uvloop"),
+                        help="the loop the profiled bridge runs on (default asyncio)")
+    parser.add_argument("--profile-duration", type=float,
+                        help="seconds of each of the profile part's three runs")
+    parser.add_argument("--profile-rate", type=int, help="py-spy samples per second")
+    parser.add_argument("--profile-native", action=argparse.BooleanOptionalAction,
+                        default=None, help="py-spy's C frames (default: on)")
+    parser.add_argument("--cprofile", action=argparse.BooleanOptionalAction, default=None,
+                        help="the profile part's cProfile run (default: on)")
+    parser.add_argument("--profile-gc-threshold", metavar="N[,N1,N2]",
+                        help="a trial: the profiled bridge with this gc.set_threshold")
+    parser.add_argument("--profile-gc-freeze", action="store_true", default=None,
+                        help="a trial: the profiled bridge calls gc.freeze() after warm-up")
     parser.add_argument("--no-wrk", action="store_true",
                         help="use the Python load generator even when wrk is installed")
     parser.add_argument("--results", type=Path, default=BENCH_DIR / "results",
@@ -122,8 +145,26 @@ def make_plan(args: argparse.Namespace) -> phases.Plan:
     plan = phases.QUICK_PLAN if args.quick else phases.Plan()
     overrides = {
         "duration": args.duration, "reps": args.reps, "memory_timebox": args.memory_timebox,
+        "profile_loop": args.profile_loop, "profile_duration": args.profile_duration,
+        "profile_rate": args.profile_rate, "profile_native": args.profile_native,
+        "profile_cprofile": args.cprofile, "profile_gc_threshold": args.profile_gc_threshold,
+        "profile_gc_freeze": args.profile_gc_freeze,
     }
+    if not args.uvloop:
+        overrides["loops"] = (phases.DEFAULT_LOOP,)
+    elif not uvloop_available():
+        print("note: uvloop is not installed (pip install -e '.[bench]'): the default loop only",
+              flush=True)
+        overrides["loops"] = (phases.DEFAULT_LOOP,)
     return dataclasses.replace(plan, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def uvloop_available() -> bool:
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _first_line(argv: list[str]) -> str | None:
@@ -193,6 +234,41 @@ def target_rows(report: dict[str, Any]) -> list[tuple[str, str, str, bool | None
     return rows
 
 
+def print_loops(throughput: dict[str, Any]) -> None:
+    """Each loop's bridge and passthrough side by side: the figures the loops are judged by."""
+    loops = throughput.get("loops", {})
+    if not loops:
+        return
+    print("Event loops side by side (same run, alternated; medians; CPU from /proc)")
+    print(f"  {'loop':<9}{'target':<20}{'msg/s c=32':>11}{'p50 c=1':>9}{'CPU ms/turn':>12}"
+          f"{'loop thr.':>10}{'kernel':>8}{'CPU c=1':>9}{'switch/turn':>12}")
+    for loop, figures in loops.items():
+        many, one = figures["levels"]["32"], figures["levels"]["1"]
+        for target in ("bridge", "passthrough"):
+            m, o = many[target], one[target]
+            print(f"  {loop:<9}{target:<20}{m['rps']:11.0f}{o['p50_ms']:9.2f}"
+                  f"{m['server_cpu_ms']:12.3f}{m['server_main_cpu_ms']:10.3f}"
+                  f"{m['server_sys_cpu_ms']:8.3f}{o['server_cpu_ms']:9.3f}"
+                  f"{m['server_switches']:12.1f}")
+        print(f"  {loop:<9}{'bridge/passthrough':<20}{many['throughput_ratio']:10.2f}x"
+              f"{one['added_p50_ms']:+8.2f} {many['cpu_ratio']:10.2f}x")
+    if len(loops) > 1 and "asyncio" in loops:
+        base = loops["asyncio"]["levels"]
+        for loop, figures in loops.items():
+            if loop == "asyncio":
+                continue
+            for target in ("bridge", "passthrough"):
+                m, b = figures["levels"]["32"][target], base["32"][target]
+                o, bo = figures["levels"]["1"][target], base["1"][target]
+                print(f"  {loop}/asyncio, {target:<12}: msg/s {m['rps'] / b['rps']:.2f}x,"
+                      f" p50 c=1 {o['p50_ms'] - bo['p50_ms']:+.2f} ms,"
+                      f" CPU/turn {m['server_cpu_ms'] / b['server_cpu_ms']:.2f}x")
+    print("  (msg/s at 32 clients, p50 in ms at 1 client, CPU ms per turn at 32 clients:"
+          " whole process, its loop thread, its kernel (system) time, and the whole process"
+          " at 1 client; context switches per turn at 32; ratio row: msg/s, added p50, CPU)")
+    print()
+
+
 def print_report(report: dict[str, Any]) -> None:
     print()
     throughput = report.get("throughput")
@@ -217,6 +293,12 @@ def print_report(report: dict[str, Any]) -> None:
         print(f"  bridge RSS: idle {throughput['bridge_rss_idle_mb']:.1f} MB, peak"
               f" {throughput['bridge_peak_rss_mb']:.1f} MB (passthrough peak"
               f" {throughput['passthrough_peak_rss_mb']:.1f} MB)")
+        print()
+        print_loops(throughput)
+    profile = report.get("profile")
+    if profile:
+        for line in profiling.summary(profile):
+            print(line)
         print()
     scale = report.get("scale")
     if scale:
@@ -321,6 +403,21 @@ def save(report: dict[str, Any], results: Path) -> tuple[Path, Path | None]:
     results.mkdir(parents=True, exist_ok=True)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     json_path = results / f"{stamp}.json"
+    profile = report.get("profile")
+    if profile:
+        # The tables beside the figures; the raw samples and the pstats file
+        # too, for another reading (flamegraph.pl, snakeviz, pstats).
+        text_path = results / f"{stamp}-profile.txt"
+        text_path.write_text(profile.pop("text"))
+        saved = {"tables": str(text_path)}
+        suffixes = {"pyspy_raw": "-pyspy-raw.txt", "cprofile_pstats": "-cprofile.pstats"}
+        for name, source in profile.get("files", {}).items():
+            if Path(source).exists():
+                target = results / f"{stamp}{suffixes[name]}"
+                shutil.copyfile(source, target)
+                saved[name] = str(target)
+        profile["files"] = saved
+        print(f"profile: {text_path}")
     json_path.write_text(json.dumps(report, indent=2) + "\n")
     png_path: Path | None = None
     if "throughput" in report:
@@ -340,14 +437,15 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="sessionbridge-bench-"))
     try:
         report = asyncio.run(run(args, workdir))
+        report["total_seconds"] = time.monotonic() - started
+        print_report(report)
+        # Before the work folder goes: the profile's raw files are copied from it.
+        json_path, png_path = save(report, args.results)
     finally:
         if args.keep_workdir:
             print(f"work folder kept: {workdir}")
         else:
             shutil.rmtree(workdir, ignore_errors=True)
-    report["total_seconds"] = time.monotonic() - started
-    print_report(report)
-    json_path, png_path = save(report, args.results)
     print(f"figures: {json_path}" + (f" and {png_path}" if png_path else ""))
     print(f"total time: {report['total_seconds']:.0f} s")
     if "failures" in report:

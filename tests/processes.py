@@ -16,7 +16,6 @@ import socket
 import sqlite3
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Sequence
 from contextlib import closing
 from dataclasses import dataclass
@@ -24,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+
+from .doubles import wait_until
 
 READY_DEADLINE = 10.0
 UPSTREAM_USER = "dev"
@@ -90,12 +91,11 @@ class Process:
     async def wait_exit(self, timeout: float) -> int:
         """The exit status, polled without blocking the event loop (an in-process
         AI server may have to answer the child meanwhile)."""
-        deadline = time.monotonic() + timeout
-        while (code := self.popen.poll()) is None:
-            if time.monotonic() > deadline:
-                raise AssertionError(f"still running after {timeout} s: {self.describe()}")
-            await asyncio.sleep(0.02)
-        return code
+        await wait_until(
+            lambda: self.popen.poll() is not None, timeout,
+            lambda: f"still running: {self.describe()}",
+        )
+        return self.popen.returncode
 
 
 class Processes:
@@ -140,22 +140,23 @@ async def wait_http_ok(
     url: str, process: Process | None = None, deadline: float = READY_DEADLINE
 ) -> None:
     """Poll ``url`` until it answers 200, for at most ``deadline`` seconds."""
-    give_up = time.monotonic() + deadline
     timeout = aiohttp.ClientTimeout(total=1)
     async with aiohttp.ClientSession(timeout=timeout) as http:
-        while True:
+
+        async def answers_ok() -> bool:
             if process is not None and process.popen.poll() is not None:
                 raise AssertionError(f"exited before {url} answered: {process.describe()}")
             try:
                 async with http.get(url) as response:
-                    if response.status == 200:
-                        return
+                    return response.status == 200
             except (TimeoutError, aiohttp.ClientError):
-                pass
-            if time.monotonic() > give_up:
-                where = process.describe() if process is not None else ""
-                raise AssertionError(f"{url} did not answer 200 within {deadline} s {where}")
-            await asyncio.sleep(0.05)
+                return False
+
+        await wait_until(
+            answers_ok, deadline,
+            lambda: f"{url} did not answer 200 {process.describe() if process else ''}",
+            every=0.05,  # a child process starting: no need to knock more often
+        )
 
 
 @dataclass

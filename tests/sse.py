@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,7 +14,6 @@ class Event:
     name: str
     data: Any
     id: int | None = None
-    at: float = field(default_factory=time.monotonic)
 
 
 @dataclass
@@ -36,8 +34,20 @@ class Stream:
         return "".join(e.data["text"] for e in self.deltas)
 
 
-async def read_events(response: ClientResponse, *, stop_after_deltas: int | None = None) -> Stream:
-    """Read events until the stream ends (or after ``stop_after_deltas`` deltas)."""
+def joined(*parts: Stream) -> Stream:
+    """One stream read in parts (``read_events`` again on the same response goes on)."""
+    return Stream(
+        [e for part in parts for e in part.events], [c for part in parts for c in part.comments]
+    )
+
+
+async def read_events(
+    response: ClientResponse,
+    *,
+    stop_after_deltas: int | None = None,
+    stop_after_events: int | None = None,
+) -> Stream:
+    """Read events until the stream ends (or after so many deltas, or events of any kind)."""
     assert response.status == 200, await response.text()
     assert response.headers["Content-Type"].startswith("text/event-stream")
     stream = Stream()
@@ -59,5 +69,7 @@ async def read_events(response: ClientResponse, *, stop_after_deltas: int | None
             if data:
                 stream.events.append(Event(name, json.loads(data), event_id))
                 if stop_after_deltas is not None and len(stream.deltas) >= stop_after_deltas:
+                    return stream
+                if stop_after_events is not None and len(stream.events) >= stop_after_events:
                     return stream
             name, data, event_id = "message", "", None

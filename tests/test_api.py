@@ -10,17 +10,19 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 from aiohttp import ClientResponse
 
-from sessionbridge.web.appkeys import STORE
 from sessionbridge.config import Settings
 from sessionbridge.reference.seed_server import DevServerState
+from sessionbridge.store.sqlite import SqliteStore
+from sessionbridge.web.appkeys import STORE
 
 from .conftest import Api, MakeApi, issue_token, problem
+from .doubles import ServerGate, wait_until
 
 SESSION_FIELDS = {"id", "title", "scenario", "max_tokens", "created_at", "updated_at",
                   "message_count"}
@@ -666,7 +668,9 @@ async def test_listed_messages_match_what_the_turns_returned(api: Api) -> None:
 
 async def test_turn_updates_message_count_and_updated_at(api: Api) -> None:
     created = await (await create(api, {"scenario": "You are a tutor."})).json()
-    await asyncio.sleep(0.01)  # times are kept to the millisecond
+    # Times are kept to the millisecond: the turn comes in a later one.
+    created_at = datetime.fromisoformat(created["updated_at"])
+    await wait_until(lambda: datetime.now(UTC) - created_at >= timedelta(milliseconds=1))
 
     await api.say(created["id"], "hello")
 
@@ -678,18 +682,19 @@ async def test_turn_updates_message_count_and_updated_at(api: Api) -> None:
 
 
 async def test_question_is_pending_while_the_ai_server_answers(
-    api: Api, ai_state: DevServerState
+    api: Api, ai_gate: ServerGate
 ) -> None:
     session_id = await api.new_session()
-    ai_state.delay = 0.3
+    ai_gate.hold()
     turn = asyncio.create_task(api.send(session_id, "hello"))
-    await asyncio.sleep(0.1)
+    await ai_gate.wait_held()
 
     during = await api.messages(session_id)
     session = await (await api.request("GET", f"/v1/sessions/{session_id}")).json()
 
     assert [(m["seq"], m["role"], m["status"]) for m in during] == [(1, "user", "pending")]
     assert session["message_count"] == 1
+    ai_gate.release()
     assert (await turn).status == 200
     assert [m["status"] for m in await api.messages(session_id)] == ["answered", "answered"]
 
@@ -824,8 +829,6 @@ async def test_a_body_that_is_not_utf8_is_invalid_json(api: Api) -> None:
 async def test_a_revocation_by_another_connection_takes_effect_within_the_key_cache(
     make_api: MakeApi, settings: Settings
 ) -> None:
-    from sessionbridge.store.sqlite import SqliteStore
-
     api = await make_api(key_cache_seconds=0.3)
     assert (await api.request("GET", "/v1/sessions")).status == 200
     other = await SqliteStore.open(settings.db)  # as `sessionbridge keys revoke` would
@@ -835,8 +838,11 @@ async def test_a_revocation_by_another_connection_takes_effect_within_the_key_ca
         await other.close()
 
     cached = await api.request("GET", "/v1/sessions")
-    await asyncio.sleep(0.35)
-    expired = await api.request("GET", "/v1/sessions")
-
     assert cached.status == 200  # still within the cache's 0.3 s
-    await problem(expired, 401, "unauthorized")
+
+    # The cached key expires: the revocation takes effect without a restart.
+    async def refused() -> bool:
+        return (await api.request("GET", "/v1/sessions")).status == 401
+
+    await wait_until(refused)
+    await problem(await api.request("GET", "/v1/sessions"), 401, "unauthorized")

@@ -1,51 +1,24 @@
-"""The conversation rules without HTTP: a scripted AI server and the real SQLite store."""
+"""The conversation rules without HTTP: the AI server double and the real SQLite store."""
 
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
-from sessionbridge.config import Settings
+from sessionbridge.config import Settings, TokenRange
 from sessionbridge.conversation import Conversations
-from sessionbridge.errors import BridgeError, SessionLost, UpstreamEmptyReply, UpstreamError
+from sessionbridge.errors import BridgeError, FieldError, InvalidField, UpstreamEmptyReply
 from sessionbridge.metrics import Metrics
 from sessionbridge.records import ApiKey, TranscriptTurn
 from sessionbridge.store.schema import apply_migrations
 from sessionbridge.store.sqlite import SqliteStore
-from sessionbridge.upstream.sessions import (
-    SessionServerClient,
-    recent_transcript,
-    recovery_scenario,
-)
+from sessionbridge.upstream.sessions import recent_transcript, recovery_scenario
 
-
-class ScriptedAI(SessionServerClient):
-    """The seed protocol's adapter whose calls answer from a list: a string or an exception."""
-
-    def __init__(self, replies: list[str | Exception]) -> None:
-        super().__init__(None, "http://unused")  # type: ignore[arg-type]
-        self.replies = replies
-        self.created: list[str] = []
-        self.chats = 0
-        self.gate: asyncio.Event | None = None
-
-    async def create_session(self, scenario: str, session_id: str = "-") -> str:
-        self.created.append(scenario)
-        return f"ai-{len(self.created)}"
-
-    async def chat(
-        self, ai_session_id: str, message: str, max_tokens: int, session_id: str = "-"
-    ) -> str:
-        self.chats += 1
-        if self.gate is not None:
-            await self.gate.wait()
-        reply = self.replies.pop(0)
-        if isinstance(reply, Exception):
-            raise reply
-        return reply
+from .doubles import FakeAIServer, FakeTurn, Gate
 
 
 @pytest.fixture
@@ -58,7 +31,7 @@ async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
 
 
 async def start(
-    store: SqliteStore, ai: ScriptedAI, **settings: object
+    store: SqliteStore, ai: FakeAIServer, **settings: object
 ) -> tuple[Conversations, ApiKey, str]:
     key = await store.create_key("k", b"hash")
     session = await store.create_session(key.id, None, "Scenario.", 100)
@@ -67,45 +40,40 @@ async def start(
 
 
 async def test_whitespace_reply_is_treated_as_empty(store: SqliteStore) -> None:
-    ai = ScriptedAI([" \n\t ", "  "])
+    blanks = iter([" \n\t ", "  "])
+    ai = FakeAIServer(lambda turn: next(blanks))
     service, key, session_id = await start(store, ai, empty_reply_retries=1)
 
     with pytest.raises(UpstreamEmptyReply):
         await service.send(key, session_id, "hello", None)
-    assert ai.chats == 2
+    assert ai.contents() == ["hello", "hello"]
 
 
-async def test_a_session_lost_right_after_creation_is_not_recovered_again(
-    store: SqliteStore,
-) -> None:
-    ai = ScriptedAI([SessionLost("gone")])
+async def test_a_message_the_ai_server_refuses_is_never_stored(store: SqliteStore) -> None:
+    ai = FakeAIServer()
+    ai.refusal = InvalidField([FieldError("content", "longer than the AI server's context")])
     service, key, session_id = await start(store, ai)
 
-    with pytest.raises(UpstreamError):
-        await service.send(key, session_id, "hello", None)
-    assert len(ai.created) == 1
+    with pytest.raises(InvalidField):
+        await service.send(key, session_id, "far too long", None)
 
-
-async def test_recovery_happens_once_per_turn(store: SqliteStore) -> None:
-    ai = ScriptedAI(["first answer", SessionLost("gone"), SessionLost("gone again")])
-    service, key, session_id = await start(store, ai)
-    await service.send(key, session_id, "first", None)
-
-    with pytest.raises(UpstreamError):
-        await service.send(key, session_id, "second", None)
-    assert len(ai.created) == 2  # the original and one recovery, never a loop
+    assert ai.calls == []
+    session = await store.get_session(key.id, session_id)
+    assert session is not None
+    assert await store.list_messages(session.pk, 10, None) == []
+    assert len(service.locks) == 0 and service.inflight == 0
 
 
 async def test_a_client_that_goes_away_does_not_stop_its_turn(store: SqliteStore) -> None:
-    ai = ScriptedAI(["answered anyway"])
-    ai.gate = asyncio.Event()
+    ai = FakeAIServer(lambda turn: "answered anyway")
+    ai.hold()
     service, key, session_id = await start(store, ai)
     waiter = asyncio.create_task(service.send(key, session_id, "still there?", None))
-    await asyncio.sleep(0.05)
+    await ai.wait_entered()  # the turn is inside the AI server
 
     waiter.cancel()
-    ai.gate.set()
-    assert await service.wait_idle(2.0)
+    ai.release()
+    assert await service.wait_idle(10.0)
 
     session = await store.get_session(key.id, session_id)
     assert session is not None
@@ -115,12 +83,39 @@ async def test_a_client_that_goes_away_does_not_stop_its_turn(store: SqliteStore
     ]
 
 
+async def test_a_follower_gets_each_piece_as_the_ai_server_sends_it(store: SqliteStore) -> None:
+    rest = Gate()
+    rest.hold()
+
+    async def handler(turn: FakeTurn) -> str:
+        await turn.delta("Hel")
+        await rest.pass_through()
+        await turn.delta("lo")
+        return "Hello"
+
+    service, key, session_id = await start(store, FakeAIServer(handler))
+    turn = await service.begin(key, session_id, "hi", None)
+    assert turn.question is not None
+    await rest.wait_held()  # the first piece is out, the AI server holds back the rest
+
+    events = await service.follow(key, session_id, turn.question.id)
+    assert [(e.name, e.id) for e in events.since(0)] == [("turn.started", None), ("reply.delta", 1)]
+    rest.release()
+    followed = [e async for e in events.follow()]
+
+    assert [e.name for e in followed] == [
+        "turn.started", "reply.delta", "reply.delta", "turn.completed"
+    ]
+    assert "".join(e.data["text"] for e in followed if e.id is not None) == "Hello"
+    assert (await turn.outcome).reply.content == "Hello"
+
+
 async def test_a_turn_cut_off_by_shutdown_is_stored_as_failed(store: SqliteStore) -> None:
-    ai = ScriptedAI(["never"])
-    ai.gate = asyncio.Event()
+    ai = FakeAIServer(lambda turn: "never")
+    ai.hold()  # and never released: shutdown cuts the turn off inside the AI server
     service, key, session_id = await start(store, ai)
     turn = asyncio.create_task(service.send(key, session_id, "cut off", None))
-    await asyncio.sleep(0.05)
+    await ai.wait_entered()
 
     await service.stop()
     with pytest.raises(BridgeError) as cut_off:
@@ -135,20 +130,12 @@ async def test_a_turn_cut_off_by_shutdown_is_stored_as_failed(store: SqliteStore
 
 
 async def test_max_tokens_falls_back_to_the_session_setting(store: SqliteStore) -> None:
-    seen: list[int] = []
-
-    class Recording(ScriptedAI):
-        async def chat(
-            self, ai_session_id: str, message: str, max_tokens: int, session_id: str = "-"
-        ) -> str:
-            seen.append(max_tokens)
-            return "ok"
-
-    service, key, session_id = await start(store, Recording([]))
+    ai = FakeAIServer(lambda turn: "ok")
+    service, key, session_id = await start(store, ai)
     await service.send(key, session_id, "a", None)
     await service.send(key, session_id, "b", 42)
 
-    assert seen == [100, 42]
+    assert [call.max_tokens for call in ai.calls] == [100, 42]
 
 
 def test_recovery_scenario_lists_turns_oldest_first() -> None:
@@ -162,35 +149,21 @@ def test_recovery_scenario_lists_turns_oldest_first() -> None:
 async def test_a_stored_max_tokens_outside_a_narrowed_range_is_moved_into_it(
     store: SqliteStore,
 ) -> None:
-    from sessionbridge.config import TokenRange
-
-    seen: list[int] = []
-
-    class Recording(ScriptedAI):
-        async def chat(
-            self, ai_session_id: str, message: str, max_tokens: int, session_id: str = "-"
-        ) -> str:
-            seen.append(max_tokens)
-            return "ok"
-
+    ai = FakeAIServer(lambda turn: "ok")
     # The session was created with 100; the AI server now accepts 10-50.
-    service, key, session_id = await start(
-        store, Recording([]), upstream_max_tokens=TokenRange(10, 50)
-    )
+    service, key, session_id = await start(store, ai, upstream_max_tokens=TokenRange(10, 50))
     await service.send(key, session_id, "a", None)
 
-    assert seen == [50]
+    assert [call.max_tokens for call in ai.calls] == [50]
 
 
 async def test_an_answer_that_cannot_be_stored_leaves_its_question_failed(
     store: SqliteStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import sqlite3
-
     async def disk_full(*args: object, **kwargs: object) -> None:
         raise sqlite3.OperationalError("database or disk is full")
 
-    service, key, session_id = await start(store, ScriptedAI(["an answer"]))
+    service, key, session_id = await start(store, FakeAIServer(lambda turn: "an answer"))
     monkeypatch.setattr(store, "finish_turn", disk_full)
 
     with pytest.raises(BridgeError):  # never a bare driver error, never a 500

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Callable
+from collections.abc import AsyncIterator
 
 import pytest
 from aiohttp import ClientResponse, DummyCookieJar, encode_basic_auth, web
 from aiohttp.test_utils import TestClient
 from pytest_aiohttp import AiohttpClient
 
+from sessionbridge.reference import seed_server as reference_sessions
 from sessionbridge.reference.seed_server import (
     DEVSERVER_STATE,
     DevServerState,
@@ -19,6 +20,8 @@ from sessionbridge.reference.seed_server import (
     main,
     reply_for,
 )
+
+from .doubles import ManualClock, ServerGate
 
 DevClient = TestClient[web.Request, web.Application]
 
@@ -31,10 +34,30 @@ def state() -> DevServerState:
 
 
 @pytest.fixture
-async def client(aiohttp_client: AiohttpClient, state: DevServerState) -> DevClient:
+def chat_gate() -> ServerGate:
+    """Holds /chat inside the server (as a long generation would)."""
+    return ServerGate("/chat")
+
+
+@pytest.fixture
+def health_arrivals() -> ServerGate:
+    """Sees each /health as it arrives, before a serial server queues it."""
+    return ServerGate("/health")
+
+
+@pytest.fixture
+async def client(
+    aiohttp_client: AiohttpClient,
+    state: DevServerState,
+    chat_gate: ServerGate,
+    health_arrivals: ServerGate,
+) -> AsyncIterator[DevClient]:
+    app = create_devserver_app(state)
+    health_arrivals.install(chat_gate.install(app), outermost=True)
     # No cookie jar: every test sends the session cookie by hand, as the
     # bridge must, so nothing leaks from one request into the next.
-    return await aiohttp_client(create_devserver_app(state), cookie_jar=DummyCookieJar())
+    yield await aiohttp_client(app, cookie_jar=DummyCookieJar())
+    chat_gate.release_all()
 
 
 def headers(
@@ -69,12 +92,6 @@ async def chat(
     return await client.post(
         "/chat", json={"message": message, "max_tokens": max_tokens}, headers=headers(session_id)
     )
-
-
-async def wait_until(condition: Callable[[], bool]) -> None:
-    async with asyncio.timeout(1.0):
-        while not condition():
-            await asyncio.sleep(0.005)
 
 
 def test_state_is_reachable_through_its_app_key() -> None:
@@ -337,6 +354,7 @@ async def test_forget_sessions_makes_known_ids_404(
 async def test_hang_never_answers(client: DevClient, state: DevServerState) -> None:
     session_id = await set_scenario(client)
     state.hang = True
+    # Kept: "never answers" is shown by a client giving up after a while.
     with pytest.raises(TimeoutError):
         await asyncio.wait_for(chat(client, session_id, "hello"), timeout=0.1)
     assert state.sessions[session_id].history == []
@@ -346,37 +364,42 @@ async def test_hang_never_answers(client: DevClient, state: DevServerState) -> N
 
 
 async def test_serial_mode_makes_health_wait_while_chat_generates(
-    client: DevClient, state: DevServerState
+    client: DevClient, state: DevServerState, chat_gate: ServerGate, health_arrivals: ServerGate
 ) -> None:
     session_id = await set_scenario(client)
     state.serial = True
-    state.delay = 0.3
+    chat_gate.hold()  # the /chat "generates" until released
     chat_task = asyncio.create_task(chat(client, session_id, "hello"))
-    await wait_until(lambda: state.calls["chat"] == 1)
+    await chat_gate.wait_held()
 
-    with pytest.raises(TimeoutError):
-        await asyncio.wait_for(client.get("/health"), timeout=0.1)
+    health_task = asyncio.create_task(client.get("/health"))
+    await health_arrivals.wait_entered()
+    # It arrived, and its handler has not run: it waits behind the /chat.
+    assert state.calls["health"] == 0
+    assert not health_task.done()
 
+    chat_gate.release()
     assert (await chat_task).status == 200
+    assert (await health_task).status == 200
     assert (await client.get("/health")).status == 200
 
 
 async def test_parallel_mode_answers_health_and_other_sessions_while_chat_generates(
-    client: DevClient, state: DevServerState
+    client: DevClient, state: DevServerState, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    clock = ManualClock(stepped=True)  # the server's generation time, stepped by the test
+    clock.install(monkeypatch, reference_sessions)
     first, second = await set_scenario(client), await set_scenario(client)
     state.delay = 0.2
-    loop = asyncio.get_running_loop()
-    started = loop.time()
     chats = asyncio.gather(chat(client, first, "a"), chat(client, second, "b"))
-    await wait_until(lambda: state.calls["chat"] == 2)
+    await clock.wait_sleeping(2)  # two generations side by side
 
-    health = await asyncio.wait_for(client.get("/health"), timeout=0.1)
+    health = await client.get("/health")
     assert health.status == 200
 
+    clock.wake_all()
     assert [resp.status for resp in await chats] == [200, 200]
-    # Two 0.2 s generations side by side take well under their sum.
-    assert loop.time() - started < 0.35
+    assert clock.sleeps == [0.2, 0.2]  # each /chat took the configured generation time
 
 
 @pytest.fixture

@@ -26,7 +26,6 @@ import contextlib
 import json
 import logging
 import threading
-import time
 import urllib.parse
 from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -43,6 +42,7 @@ from sessionbridge.config import Settings, TokenRange
 from sessionbridge.reference.seed_server import DevServerState, create_devserver_app
 
 from .conftest import issue_token
+from .doubles import HANG_TIMEOUT
 
 T = TypeVar("T")
 
@@ -870,14 +870,32 @@ def test_malformed_http_is_answered_with_a_problem(bridge: LiveBridge, data: byt
     assert_well_answered(reply, data[:120])
 
 
+class _Seen(logging.Handler):
+    """Sets ``event`` once a record holding ``text`` is logged."""
+
+    def __init__(self, event: threading.Event, text: str) -> None:
+        super().__init__()
+        self._event = event
+        self._text = text
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self._text in record.getMessage():
+            self._event.set()
+
+
 def test_malformed_http_is_logged_as_one_line_not_a_traceback(
     bridge: LiveBridge, caplog: pytest.LogCaptureFixture
 ) -> None:
     quiet_library_loggers()  # as the command line sets up logging
     caplog.set_level(logging.INFO, logger="aiohttp.server")
-
-    reply = bridge.raw(with_connection_close(b"GET /\x00 HTTP/1.1\r\nHost: x\r\n\r\n"))
-    time.sleep(0.1)  # the bridge's own thread writes the record
+    logged = threading.Event()  # the bridge's own thread writes the record, after the reply
+    seen = _Seen(logged, "event=malformed_request")
+    logging.getLogger("aiohttp.server").addHandler(seen)
+    try:
+        reply = bridge.raw(with_connection_close(b"GET /\x00 HTTP/1.1\r\nHost: x\r\n\r\n"))
+        assert logged.wait(HANG_TIMEOUT), "the malformed request was logged"
+    finally:
+        logging.getLogger("aiohttp.server").removeHandler(seen)
 
     assert reply.status == 400
     records = [r for r in caplog.records if r.name == "aiohttp.server"]

@@ -3,7 +3,8 @@
 A retry with the same key and body replays the first outcome without a new
 /chat; another body is 422 idempotency_mismatch; a retry while the first is
 still answered is 409 idempotency_in_progress; failed attempts are tried again
-on the same question. The AI server's own counters prove what was (not) called.
+on the same question. The AI server is the double: its record of calls proves
+what was (not) asked, and holding it keeps a first request running.
 """
 
 from __future__ import annotations
@@ -11,14 +12,40 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
 from aiohttp import ClientResponse
 from pytest_aiohttp import AiohttpClient
 
 from sessionbridge.app import create_app
 from sessionbridge.config import Settings
-from sessionbridge.reference.seed_server import DevServerState
+from sessionbridge.errors import UpstreamError
 
-from .conftest import Api, issue_token, problem
+from .conftest import Api, answering_with, issue_token, problem
+from .doubles import FakeAIServer, FakeTurn
+
+
+@pytest.fixture
+async def api(fake_api: Api) -> Api:
+    """The bridge in front of the AI server double."""
+    return fake_api
+
+
+def fail_next(fake: FakeAIServer, count: int = 1) -> None:
+    """The next ``count`` exchanges fail as an AI server's 5xx does (502 upstream_error)."""
+    answer = fake.handler
+    failures = [UpstreamError("/chat answered 500") for _ in range(count)]
+
+    def handler(turn: FakeTurn) -> Any:
+        if failures:
+            raise failures.pop()
+        return answer(turn)
+
+    fake.handler = handler
+
+
+def created(fake: FakeAIServer) -> int:
+    """How many AI sessions the exchanges created (those that carried no state)."""
+    return sum(call.state is None for call in fake.calls)
 
 
 def keyed(key: str) -> dict[str, str]:
@@ -32,17 +59,17 @@ async def ok(response: ClientResponse) -> dict[str, Any]:
 
 
 async def test_same_key_and_body_replays_the_first_answer_without_a_new_chat(
-    api: Api, ai_state: DevServerState
+    api: Api, fake: FakeAIServer
 ) -> None:
     session_id = await api.new_session()
     first = await ok(await api.send(session_id, "hello", headers=keyed("k-1")))
-    calls = dict(ai_state.calls)
+    calls = list(fake.calls)
 
     second = await ok(await api.send(session_id, "hello", headers=keyed("k-1")))
 
     assert second == first
-    assert ai_state.calls["chat"] == calls["chat"] == 1
-    assert ai_state.calls["scenario"] == calls["scenario"] == 1
+    assert fake.calls == calls and len(calls) == 1
+    assert created(fake) == 1
     messages = await api.messages(session_id)
     assert [m["id"] for m in messages] == [first["user_message"]["id"], first["reply"]["id"]]
     session = await ok(await api.request("GET", f"/v1/sessions/{session_id}"))
@@ -50,7 +77,7 @@ async def test_same_key_and_body_replays_the_first_answer_without_a_new_chat(
 
 
 async def test_replay_matches_the_body_by_meaning_not_by_bytes(
-    api: Api, ai_state: DevServerState
+    api: Api, fake: FakeAIServer
 ) -> None:
     session_id = await api.new_session()
     path = f"/v1/sessions/{session_id}/messages"
@@ -64,11 +91,11 @@ async def test_replay_matches_the_body_by_meaning_not_by_bytes(
     )
 
     assert await ok(reordered) == first
-    assert ai_state.calls["chat"] == 1
+    assert len(fake.calls) == 1
 
 
 async def test_requests_without_a_key_are_not_deduplicated(
-    api: Api, ai_state: DevServerState
+    api: Api, fake: FakeAIServer
 ) -> None:
     session_id = await api.new_session()
 
@@ -76,12 +103,12 @@ async def test_requests_without_a_key_are_not_deduplicated(
     second = await api.say(session_id, "hello")
 
     assert first["user_message"]["id"] != second["user_message"]["id"]
-    assert ai_state.calls["chat"] == 2
+    assert len(fake.calls) == 2
     assert len(await api.messages(session_id)) == 4
 
 
 async def test_different_keys_with_the_same_body_are_separate_turns(
-    api: Api, ai_state: DevServerState
+    api: Api, fake: FakeAIServer
 ) -> None:
     session_id = await api.new_session()
 
@@ -89,11 +116,11 @@ async def test_different_keys_with_the_same_body_are_separate_turns(
     second = await ok(await api.send(session_id, "hello", headers=keyed("k-2")))
 
     assert first["user_message"]["id"] != second["user_message"]["id"]
-    assert ai_state.calls["chat"] == 2
+    assert len(fake.calls) == 2
 
 
 async def test_same_key_with_another_content_is_422_mismatch(
-    api: Api, ai_state: DevServerState
+    api: Api, fake: FakeAIServer
 ) -> None:
     session_id = await api.new_session()
     await ok(await api.send(session_id, "hello", headers=keyed("k-1")))
@@ -101,13 +128,13 @@ async def test_same_key_with_another_content_is_422_mismatch(
     response = await api.send(session_id, "goodbye", headers=keyed("k-1"))
 
     await problem(response, 422, "idempotency_mismatch")
-    assert ai_state.calls["chat"] == 1
+    assert len(fake.calls) == 1
     assert (await api.messages(session_id))[0]["content"] == "hello"
     assert len(await api.messages(session_id)) == 2
 
 
 async def test_same_key_with_another_max_tokens_is_422_mismatch(
-    api: Api, ai_state: DevServerState
+    api: Api, fake: FakeAIServer
 ) -> None:
     session_id = await api.new_session()
     path = f"/v1/sessions/{session_id}/messages"
@@ -119,11 +146,11 @@ async def test_same_key_with_another_max_tokens_is_422_mismatch(
     )
 
     await problem(response, 422, "idempotency_mismatch")
-    assert ai_state.calls["chat"] == 1
+    assert len(fake.calls) == 1
 
 
 async def test_same_key_on_another_session_is_422_mismatch(
-    api: Api, ai_state: DevServerState
+    api: Api, fake: FakeAIServer
 ) -> None:
     first_session = await api.new_session("first")
     second_session = await api.new_session("second")
@@ -132,11 +159,11 @@ async def test_same_key_on_another_session_is_422_mismatch(
     response = await api.send(second_session, "hello", headers=keyed("k-1"))
 
     await problem(response, 422, "idempotency_mismatch")
-    assert ai_state.calls["chat"] == 1
+    assert len(fake.calls) == 1
     assert await api.messages(second_session) == []
 
 
-async def test_keys_are_scoped_to_the_api_key(api: Api, ai_state: DevServerState) -> None:
+async def test_keys_are_scoped_to_the_api_key(api: Api, fake: FakeAIServer) -> None:
     mine = await api.new_session()
     other = Api(api.client, await issue_token(api.app, "other"))
     theirs = await other.new_session()
@@ -146,16 +173,16 @@ async def test_keys_are_scoped_to_the_api_key(api: Api, ai_state: DevServerState
 
     assert their_answer["user_message"]["id"] != my_answer["user_message"]["id"]
     assert their_answer["ai_session"] == "created"
-    assert ai_state.calls["chat"] == 2
+    assert len(fake.calls) == 2
     assert len(await other.messages(theirs)) == 2
     # Each key replays its own outcome, not the other's.
     assert await ok(await api.send(mine, "hello", headers=keyed("shared"))) == my_answer
     assert await ok(await other.send(theirs, "hello", headers=keyed("shared"))) == their_answer
-    assert ai_state.calls["chat"] == 2
+    assert len(fake.calls) == 2
 
 
 async def test_another_api_key_cannot_replay_a_session_it_does_not_own(
-    api: Api, ai_state: DevServerState
+    api: Api, fake: FakeAIServer
 ) -> None:
     session_id = await api.new_session()
     await ok(await api.send(session_id, "hello", headers=keyed("k-1")))
@@ -164,50 +191,53 @@ async def test_another_api_key_cannot_replay_a_session_it_does_not_own(
     response = await other.send(session_id, "hello", headers=keyed("k-1"))
 
     await problem(response, 404, "not_found")
-    assert ai_state.calls["chat"] == 1
+    assert len(fake.calls) == 1
 
 
 async def test_duplicate_while_first_is_running_is_409_with_retry_after(
-    api: Api, ai_state: DevServerState
+    api: Api, fake: FakeAIServer
 ) -> None:
     session_id = await api.new_session()
-    ai_state.delay = 0.5
+    fake.hold()
     first = asyncio.create_task(api.send(session_id, "hello", headers=keyed("k-1")))
-    await asyncio.sleep(0.1)
+    await fake.wait_entered()  # the first is being answered
 
     duplicate = await api.send(session_id, "hello", headers=keyed("k-1"))
 
     await problem(duplicate, 409, "idempotency_in_progress")
     assert int(duplicate.headers["Retry-After"]) >= 1
     assert not first.done()
+    fake.release()
     answer = await ok(await first)
-    assert ai_state.calls["chat"] == 1
+    assert len(fake.calls) == 1
     # Once the first is done, the same retry replays it.
     assert await ok(await api.send(session_id, "hello", headers=keyed("k-1"))) == answer
-    assert ai_state.calls["chat"] == 1
+    assert len(fake.calls) == 1
     assert len(await api.messages(session_id)) == 2
 
 
 async def test_other_body_while_first_is_running_is_422_mismatch(
-    api: Api, ai_state: DevServerState
+    api: Api, fake: FakeAIServer
 ) -> None:
     session_id = await api.new_session()
-    ai_state.delay = 0.3
+    fake.hold()
     first = asyncio.create_task(api.send(session_id, "hello", headers=keyed("k-1")))
-    await asyncio.sleep(0.1)
+    await fake.wait_entered()  # the first is being answered
 
     other_body = await api.send(session_id, "goodbye", headers=keyed("k-1"))
 
     await problem(other_body, 422, "idempotency_mismatch")
+    assert not first.done()
+    fake.release()
     await ok(await first)
-    assert ai_state.calls["chat"] == 1
+    assert len(fake.calls) == 1
 
 
 async def test_retry_after_a_failure_tries_again_on_the_same_question(
-    api: Api, ai_state: DevServerState
+    api: Api, fake: FakeAIServer
 ) -> None:
     session_id = await api.new_session()
-    ai_state.fail_next = [500]
+    fail_next(fake)
     failed = await api.send(session_id, "hello", headers=keyed("k-1"))
     await problem(failed, 502, "upstream_error")
     (failed_question,) = await api.messages(session_id)
@@ -215,8 +245,8 @@ async def test_retry_after_a_failure_tries_again_on_the_same_question(
 
     retried = await ok(await api.send(session_id, "hello", headers=keyed("k-1")))
 
-    assert ai_state.calls["chat"] == 2
-    assert ai_state.calls["scenario"] == 1  # the AI session created the first time is reused
+    assert len(fake.calls) == 2
+    assert created(fake) == 1  # the AI session created the first time is reused
     assert retried["user_message"]["id"] == failed_question["id"]
     assert retried["user_message"]["status"] == "answered"
     messages = await api.messages(session_id)
@@ -231,24 +261,24 @@ async def test_retry_after_a_failure_tries_again_on_the_same_question(
 
 
 async def test_successful_retry_after_a_failure_is_then_replayed(
-    api: Api, ai_state: DevServerState
+    api: Api, fake: FakeAIServer
 ) -> None:
     session_id = await api.new_session()
-    ai_state.fail_next = [500]
+    fail_next(fake)
     await problem(await api.send(session_id, "hello", headers=keyed("k-1")), 502, "upstream_error")
     retried = await ok(await api.send(session_id, "hello", headers=keyed("k-1")))
 
     replayed = await ok(await api.send(session_id, "hello", headers=keyed("k-1")))
 
     assert replayed == retried
-    assert ai_state.calls["chat"] == 2
+    assert len(fake.calls) == 2
 
 
 async def test_retry_after_a_failure_with_turns_in_between_keeps_question_and_answer_adjacent(
-    api: Api, ai_state: DevServerState
+    api: Api, fake: FakeAIServer
 ) -> None:
     session_id = await api.new_session()
-    ai_state.fail_next = [500]
+    fail_next(fake)
     await problem(await api.send(session_id, "first", headers=keyed("k-1")), 502, "upstream_error")
     await api.say(session_id, "second")
 
@@ -256,11 +286,11 @@ async def test_retry_after_a_failure_with_turns_in_between_keeps_question_and_an
 
     assert retried["reply"]["seq"] == retried["user_message"]["seq"] + 1
     messages = await api.messages(session_id)
-    assert [(m["role"], m["content"][:6]) for m in messages] == [
+    assert [(m["role"], m["content"]) for m in messages] == [
         ("user", "second"),
-        ("assistant", "turn 1"),
+        ("assistant", "answer to 'second'"),
         ("user", "first"),
-        ("assistant", "turn 2"),
+        ("assistant", "answer to 'first'"),
     ]
     assert all(m["status"] == "answered" for m in messages)
     seqs = [m["seq"] for m in messages]
@@ -268,16 +298,18 @@ async def test_retry_after_a_failure_with_turns_in_between_keeps_question_and_an
 
 
 async def test_outcome_survives_a_restart_of_the_bridge(
-    api: Api, aiohttp_client: AiohttpClient, settings: Settings, ai_state: DevServerState
+    api: Api, aiohttp_client: AiohttpClient, fake_settings: Settings, fake: FakeAIServer
 ) -> None:
     session_id = await api.new_session()
     first = await ok(await api.send(session_id, "hello", headers=keyed("k-1")))
     await api.client.close()  # the first bridge stops: its database is closed
 
-    restarted = Api(await aiohttp_client(create_app(settings)), api.token)
+    restarted = Api(
+        await aiohttp_client(answering_with(create_app(fake_settings), fake)), api.token
+    )
     replayed = await ok(await restarted.send(session_id, "hello", headers=keyed("k-1")))
 
     assert replayed == first
-    assert ai_state.calls["chat"] == 1
+    assert len(fake.calls) == 1
     assert len(await restarted.messages(session_id)) == 2
 

@@ -1,4 +1,4 @@
-"""The layering holds by imports: the rules of a conversation load no HTTP, no SQL, no migrations."""
+"""The layering holds by imports: the conversation rules load no HTTP, no SQL, no migrations."""
 
 from __future__ import annotations
 

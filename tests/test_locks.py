@@ -6,23 +6,29 @@ import asyncio
 
 import pytest
 
-from sessionbridge.errors import SessionBusy
 from sessionbridge.conversation.locks import SessionLocks
+from sessionbridge.errors import SessionBusy
+
+from .doubles import Gate, wait_until
 
 
 async def test_waiters_are_served_in_arrival_order() -> None:
     locks = SessionLocks(max_waiting=10)
     order: list[int] = []
+    inside = Gate()
+    inside.hold()
 
     async def turn(n: int) -> None:
         async with locks.hold("s"):
-            await asyncio.sleep(0.001)
             order.append(n)
+            await inside.pass_through()
 
-    tasks = []
-    for n in range(6):
+    tasks = [asyncio.create_task(turn(0))]
+    await inside.wait_entered()
+    for n in range(1, 6):
         tasks.append(asyncio.create_task(turn(n)))
-        await asyncio.sleep(0)
+        await wait_until(lambda: locks.waiting("s") == len(tasks) - 1)  # queued first
+    inside.release()
     await asyncio.gather(*tasks)
 
     assert order == list(range(6))
@@ -39,7 +45,7 @@ async def test_different_sessions_run_at_once() -> None:
             inside += 1
             if inside == 2:
                 both_inside.set()
-            await asyncio.wait_for(both_inside.wait(), 1)
+            await asyncio.wait_for(both_inside.wait(), 10)  # only against a hang
 
     await asyncio.gather(turn("a"), turn("b"))
 
@@ -54,8 +60,7 @@ async def test_too_many_waiters_raise_session_busy() -> None:
 
     first = asyncio.create_task(holder())
     second = asyncio.create_task(holder())
-    await asyncio.sleep(0.01)
-    assert locks.waiting("s") == 1
+    await wait_until(lambda: locks.waiting("s") == 1)
 
     with pytest.raises(SessionBusy):
         async with locks.hold("s"):
@@ -73,9 +78,9 @@ async def test_registry_forgets_idle_sessions_even_after_cancellation() -> None:
             await release.wait()
 
     tasks = [asyncio.create_task(holder()) for _ in range(3)]
-    await asyncio.sleep(0.01)
+    await wait_until(lambda: locks.waiting("s") == 2)
     tasks[1].cancel()  # a waiter gives up
-    await asyncio.sleep(0.01)
+    await wait_until(lambda: locks.waiting("s") == 1)
     release.set()
     await asyncio.gather(*tasks, return_exceptions=True)
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -37,9 +36,8 @@ HTTP_METHODS = {"get", "put", "post", "delete", "options", "head", "patch", "tra
 # aiohttp adds HEAD beside every GET route; the document, like most, leaves it implicit.
 IMPLICIT_METHODS = {"HEAD"}
 # Per operation and generation mode; with ten operations this keeps the whole
-# run to a few seconds, well under the minute the suite allows it.
+# run to a few seconds.
 MAX_EXAMPLES = 25
-RUN_BUDGET_SECONDS = 60.0
 
 
 def has_openapi_route(app: web.Application) -> bool:
@@ -279,21 +277,18 @@ def fuzz_every_operation(bridge: LiveBridge) -> list[str]:
 
 async def test_schemathesis_finds_no_server_error_and_no_undocumented_response(api: Api) -> None:
     bridge = LiveBridge(str(api.client.make_url("")).rstrip("/"), api.token)
-    started = time.monotonic()
     try:
         # schemathesis is synchronous (requests): it runs in a thread while
         # this event loop serves the bridge and the reference AI server.
         tried = await asyncio.to_thread(fuzz_every_operation, bridge)
     finally:
         bridge.http.close()
-    elapsed = time.monotonic() - started
-    print(f"\nschemathesis: {bridge.calls} requests over {len(tried)} operation/mode runs "
-          f"in {elapsed:.1f} s")
+    print(f"\nschemathesis: {bridge.calls} requests over {len(tried)} operation/mode runs")
 
     # Every client operation got valid and invalid requests. (schemathesis
     # leaves out the operation that serves the document it loaded.)
     client_operations = {f"{m} {p}" for m, p in documented_operations() if p.startswith("/v1/")}
     for mode in ("positive", "negative"):
         assert {f"{label} {mode}" for label in client_operations} <= set(tried), tried
-    # Bounded by max_examples; this catches a run that grew past what a suite can afford.
-    assert elapsed < RUN_BUDGET_SECONDS
+    # The run is bounded by max_examples, not by the clock.
+    assert bridge.calls <= len(tried) * MAX_EXAMPLES

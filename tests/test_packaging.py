@@ -110,12 +110,13 @@ def test_every_committed_subpackage_is_shipped(installed: Installed) -> None:
 
 def test_the_installed_package_is_not_the_checkout(installed: Installed) -> None:
     done = subprocess.run(
-        [installed.python, "-c", "import sessionbridge.store.schema as s; print(s.migrations_dir())"],
+        [installed.python, "-c",
+         "import sessionbridge.store.schema as s; print(s.migrations_dir())"],
         capture_output=True, text=True, env=clean_env(), cwd=installed.workdir, timeout=60,
     )
 
     assert done.returncode == 0, done.stderr
-    shipped = Path(done.stdout.strip())
+    shipped = Path(done.stdout.strip()).parent  # migrations/, from migrations/sqlite/
     assert shipped.is_relative_to(installed.venv), shipped
     source = installed.source / "migrations"
     for folder in [source, *(sub for sub in source.iterdir() if sub.is_dir())]:
@@ -131,7 +132,7 @@ async def test_installed_wheel_migrates_makes_a_key_and_serves_a_conversation(
     db = tmp_path / "bridge.db"
     migrated = installed.run("migrate", "--db", str(db))
     assert migrated.returncode == 0, migrated.stderr
-    expected = len([p for p in (installed.source / "migrations").glob("*.sql")
+    expected = len([p for p in (installed.source / "migrations" / "sqlite").glob("*.sql")
                     if not p.name.endswith(".rollback.sql")])
     assert f"applied {expected} migration(s)" in migrated.stdout
     with closing(sqlite3.connect(db)) as conn:

@@ -37,6 +37,7 @@ from sessionbridge.reference.openai_server import (
 from sessionbridge.reference.seed_server import DevServerState
 
 from .conftest import issue_token
+from .doubles import FIRST_PIECE_WRITES, ServerGate
 
 
 def _chromium() -> str | None:
@@ -487,12 +488,12 @@ def sse(event: str, data: Any, event_id: int | None = None) -> str:
 
 
 async def test_second_reply_streams_in_pieces_and_is_marked_reused(
-    page: Page, aiohttp_server: AiohttpServer, settings: Settings
+    page: Page, aiohttp_server: AiohttpServer, settings: Settings, openai_gate: ServerGate
 ) -> None:
     # The OpenAI-compatible reference server streams a reply in pieces of three
-    # tokens with a pause between them, so a reader can watch it arrive.
-    ai = OpenAIReferenceState(piece_delay=0.15, tokens_per_piece=3)
-    upstream = await aiohttp_server(create_openai_reference_app(ai))
+    # tokens; holding its writes lets a reader watch one arrive before the rest.
+    ai = OpenAIReferenceState(tokens_per_piece=3)
+    upstream = await aiohttp_server(openai_gate.install(create_openai_reference_app(ai)))
     bridge = await start_bridge(
         aiohttp_server,
         dataclasses.replace(
@@ -503,11 +504,14 @@ async def test_second_reply_streams_in_pieces_and_is_marked_reused(
     await create_session(page, "You are a friendly travel guide.", "Pieces")
     await say(page, "Hello!")
     await wait_answered(page, 2)
+    openai_gate.hold_writes_after(FIRST_PIECE_WRITES)
     await say(page, "And tomorrow, and the day after, and the whole week?")
-    # While the AI server is still sending, the page already shows a part.
+    # While the AI server still holds back the rest, the page already shows a part.
     streaming = page.locator("#messages .message.streaming .text")
     await expect(streaming).to_have_text(re.compile(r"^Reply 2"))
     partial = await streaming.text_content()
+    assert openai_gate.writes.waiting == 1
+    openai_gate.writes.release()
     await wait_answered(page, 4)
 
     stored = await bridge.api("GET", f"/v1/sessions/{await current_id(page)}/messages")
@@ -535,7 +539,7 @@ async def test_usable_at_phone_and_desktop_size_in_light_and_dark(
 ) -> None:
     # The OpenAI-compatible reference server: its answers stream and carry
     # usage, so the screenshots show all that the page can tell.
-    ai_state = OpenAIReferenceState(piece_delay=0.01, tokens_per_piece=4)
+    ai_state = OpenAIReferenceState(tokens_per_piece=4)
     upstream = await aiohttp_server(create_openai_reference_app(ai_state))
     bridge = await start_bridge(
         aiohttp_server,

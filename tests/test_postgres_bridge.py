@@ -4,11 +4,9 @@ coming back under a running bridge."""
 
 from __future__ import annotations
 
-import asyncio
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -17,21 +15,30 @@ import pytest
 
 from sessionbridge.config import ConfigError
 from sessionbridge.errors import StorageUnavailable
+from sessionbridge.reference.seed_server import DevServerState
+from sessionbridge.store import database
+from sessionbridge.store.postgres import PostgresStore
 from sessionbridge.store.schema import (
+    _PG_MIGRATION_LOCK,
     apply_postgres_migrations,
     migrations_dir,
     rollback_postgres_migrations,
 )
-from sessionbridge.store import database
-from sessionbridge.store.postgres import PostgresStore
-from sessionbridge.reference.seed_server import DevServerState
 
-from .conftest import Api, MakeApi, problem
+from .conftest import MakeApi, problem, readyz_becomes
+from .doubles import wait_until
 from .postgres import LocalServer
 
+# Readiness of a bridge whose PostgreSQL server stops and starts again.
+PG_RESTART_TIMEOUT = 15.0
+# Another session whose last statement tried for the migration lock (and so found it taken).
+TRIED_THE_MIGRATION_LOCK = (
+    "SELECT count(*) FROM pg_stat_activity"
+    " WHERE pid <> pg_backend_pid() AND query LIKE 'SELECT pg_try_advisory_lock%%'"
+)
 SCHEMA_TABLES = {
     "api_keys", "chat_sessions", "messages", "idempotency_keys",
-    "bridges", "turn_tickets", "turn_relay",
+    "bridges", "turn_tickets", "turn_relay", "responses",
 }
 
 
@@ -43,17 +50,6 @@ def query(dsn: str, sql: str, *params: Any) -> list[tuple[Any, ...]]:
 def execute(dsn: str, sql: str, *params: Any) -> None:
     with psycopg.connect(dsn, autocommit=True) as connection:
         connection.execute(sql, params)  # type: ignore[arg-type]
-
-
-async def readyz_becomes(api: Api, status: int, within: float = 15.0) -> None:
-    """Readiness may be probed in the background: wait for it to report ``status``."""
-    deadline = time.monotonic() + within
-    while True:
-        response = await api.client.get("/readyz")
-        if response.status == status:
-            return
-        assert time.monotonic() < deadline, (response.status, await response.text())
-        await asyncio.sleep(0.1)
 
 
 def tables(dsn: str) -> set[str]:
@@ -136,13 +132,13 @@ async def test_postgresql_stopped_under_a_running_bridge_is_503_then_the_bridge_
         body = await problem(response, 503, "storage_unavailable")
         assert int(response.headers["Retry-After"]) > 0
         assert "password" not in str(body)
-        await readyz_becomes(api, 503)
+        await readyz_becomes(api, 503, timeout=PG_RESTART_TIMEOUT)
     finally:
         own_postgres.resume()
 
     reply = await api.say(session_id, "after")
     assert reply["user_message"]["content"] == "after"
-    await readyz_becomes(api, 200)
+    await readyz_becomes(api, 200, timeout=PG_RESTART_TIMEOUT)
 
 
 # -- the store alone ----------------------------------------------------------------------------
@@ -221,9 +217,7 @@ def test_two_bridges_migrating_at_once_both_succeed_and_apply_each_migration_onc
     assert query(postgres_dsn, "SELECT count(*) FROM yoyo_lock") == [(0,)]
 
 
-def test_a_migrator_waits_while_another_holds_the_migration_lock(postgres_dsn: str) -> None:
-    from sessionbridge.store.schema import _PG_MIGRATION_LOCK
-
+async def test_a_migrator_waits_while_another_holds_the_migration_lock(postgres_dsn: str) -> None:
     done = threading.Event()
     with psycopg.connect(postgres_dsn, autocommit=True) as holder:
         holder.execute("SELECT pg_advisory_lock(%s)", (_PG_MIGRATION_LOCK,))
@@ -231,7 +225,8 @@ def test_a_migrator_waits_while_another_holds_the_migration_lock(postgres_dsn: s
             target=lambda: (apply_postgres_migrations(postgres_dsn), done.set())
         )
         migrator.start()
-        time.sleep(0.5)
+        # The server shows the migrator's session trying for the lock the holder has.
+        await wait_until(lambda: query(postgres_dsn, TRIED_THE_MIGRATION_LOCK) == [(1,)])
         assert not done.is_set()
         assert tables(postgres_dsn) == set()
     # The holder's connection is closed, as by a killed process: the lock goes with it.

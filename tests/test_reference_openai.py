@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
 import subprocess
 import sys
-import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ from aiohttp import ClientResponse, web
 from aiohttp.test_utils import TestClient
 from pytest_aiohttp import AiohttpClient
 
+from sessionbridge.reference import openai_server as reference_openai
 from sessionbridge.reference.openai_cache import (
     prompt_pieces,
     render_chat,
@@ -31,6 +31,7 @@ from sessionbridge.reference.openai_server import (
     main,
 )
 
+from .doubles import ManualClock, wait_until
 from .processes import clean_env, free_port
 
 Client = TestClient[web.Request, web.Application]
@@ -41,6 +42,14 @@ SCENARIO = "You are a patient tutor."
 @pytest.fixture
 def state(tmp_path: Path) -> OpenAIReferenceState:
     return OpenAIReferenceState(slot_save_path=str(tmp_path / "slots"))
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> ManualClock:
+    """The server's simulated latency, seen (and, when stepped, held) by the test."""
+    clock = ManualClock()
+    clock.install(monkeypatch, reference_openai)
+    return clock
 
 
 @pytest.fixture
@@ -83,6 +92,16 @@ async def stream_chunks(response: ClientResponse) -> list[Any]:
         payload = line.removeprefix("data: ")
         chunks.append(payload if payload == "[DONE]" else json.loads(payload))
     return chunks
+
+
+async def head_lines(response: ClientResponse, count: int) -> AsyncIterator[bytes]:
+    """The first ``count`` lines of an SSE answer that are not blank."""
+    while count:
+        line = await response.content.readline()
+        assert line, "the answer ended early"
+        if line.strip():
+            count -= 1
+            yield line
 
 
 def content_of(chunks: list[Any]) -> str:
@@ -421,14 +440,20 @@ async def test_slot_actions_need_a_save_path(client: Client, state: OpenAIRefere
 
 
 async def test_a_busy_slot_is_saved_after_its_request(
-    client: Client, state: OpenAIReferenceState
+    client: Client, state: OpenAIReferenceState, clock: ManualClock
 ) -> None:
+    clock.stepped = True
     state.piece_delay = 0.05
     running = asyncio.create_task(answer(client, conversation("slowly"), id_slot=1))
-    while not state.slots[1].busy:
-        await asyncio.sleep(0.005)
+    await clock.wait_sleeping()  # between two pieces of the answer
+    assert state.slots[1].busy
     assert [slot["is_processing"] for slot in await (await client.get("/slots")).json()][1]
-    saved = await (await client.post("/slots/1?action=save", json={"filename": "s.bin"})).json()
+    saving = asyncio.create_task(
+        client.post("/slots/1?action=save", json={"filename": "s.bin"})
+    )
+    await wait_until(lambda: state.calls["slot_save"] == 1)  # it waits for the slot
+    clock.run_free()
+    saved = await (await saving).json()
     reply = (await running)["choices"][0]["message"]["content"]
     assert saved["n_saved"] == len(prompt_pieces(conversation("slowly"))) + len(tokenize(reply))
 
@@ -465,33 +490,40 @@ async def test_llama_stream_usage_comes_when_asked(client: Client) -> None:
     assert done == "[DONE]"
 
 
-async def test_pieces_arrive_apart(client: Client, state: OpenAIReferenceState) -> None:
+async def test_pieces_arrive_apart(
+    client: Client, state: OpenAIReferenceState, clock: ManualClock
+) -> None:
+    clock.stepped = True
     state.piece_delay = 0.05
     response = await chat(client, conversation("slow"), stream=True)
-    arrivals = []
-    async for raw in response.content:
-        if raw.strip():
-            arrivals.append(time.monotonic())
-    # The pieces only: not the role chunk before them, the finish chunk and [DONE] after.
-    gaps = [b - a for a, b in itertools.pairwise(arrivals[1:-2])]
-    assert gaps and min(gaps) >= 0.04
+    lines = [line async for line in head_lines(response, 2)]  # the role chunk, the first piece
+    assert all(line.startswith(b"data: ") for line in lines)
+    assert json.loads(lines[1].removeprefix(b"data: "))["choices"][0]["delta"]["content"]
+
+    # The first piece is out while the server waits the piece delay before the next.
+    await clock.wait_sleeping()
+    clock.run_free()
+    chunks = await stream_chunks(response)
+
+    # The pieces only: not the finish chunk and [DONE] after them.
+    pieces = 1 + len(chunks) - 2
+    assert pieces > 2
+    assert clock.sleeps == [0.05] * (pieces - 1)
 
 
 async def test_prompt_delay_follows_computed_tokens(
-    client: Client, state: OpenAIReferenceState
+    client: Client, state: OpenAIReferenceState, clock: ManualClock
 ) -> None:
     state.prompt_token_delay = 0.01
-    started = time.monotonic()
     first = await answer(client, conversation("timed"))
-    cold = time.monotonic() - started
-    assert cold >= first["timings"]["prompt_n"] * 0.01
+    assert clock.sleeps == [pytest.approx(first["timings"]["prompt_n"] * 0.01)]
     assert first["timings"]["prompt_ms"] == pytest.approx(first["timings"]["prompt_n"] * 10)
     reply = first["choices"][0]["message"]["content"]
-    started = time.monotonic()
     second = await answer(client, conversation("timed", reply, "again"))
-    warm = time.monotonic() - started
     assert second["timings"]["prompt_n"] < first["timings"]["prompt_n"]
-    assert warm < cold
+    # A warm prompt waits only for the tokens it computes.
+    assert clock.sleeps[1:] == [pytest.approx(second["timings"]["prompt_n"] * 0.01)]
+    assert clock.sleeps[1] < clock.sleeps[0]
 
 
 async def test_break_after_pieces_drops_the_stream(
@@ -669,6 +701,7 @@ async def test_reply_text_is_sent_exactly(client: Client, state: OpenAIReference
 
 async def test_hang_never_answers(client: Client, state: OpenAIReferenceState) -> None:
     state.hang = True
+    # Kept: "never answers" is shown by a client giving up after a while.
     with pytest.raises(asyncio.TimeoutError):
         body = {"model": state.model, "messages": conversation("hi")}
         await client.post(
@@ -718,19 +751,22 @@ async def test_main_serves_the_double_on_the_given_port(tmp_path: Path) -> None:
 
 
 async def _poll_models(port: int, log_path: Path) -> dict[str, Any]:
-    deadline = time.monotonic() + 10
     url = f"http://127.0.0.1:{port}/v1/models"
+    models: list[dict[str, Any]] = []
     async with aiohttp.ClientSession() as session:
-        while True:
+
+        async def serving() -> bool:
             try:
                 headers = {"Authorization": "Bearer k3y-from-env"}
                 async with session.get(url, headers=headers) as response:
                     assert response.status == 200
-                    body: dict[str, Any] = await response.json()
-                    return body
+                    models.append(await response.json())
+                    return True
             except aiohttp.ClientConnectionError:
-                assert time.monotonic() < deadline, log_path.read_text()
-                await asyncio.sleep(0.1)
+                return False
+
+        await wait_until(serving, message=lambda: log_path.read_text())
+    return models[-1]
 
 
 def test_main_rejects_an_unknown_kind(capsys: pytest.CaptureFixture[str]) -> None:

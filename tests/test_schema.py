@@ -52,13 +52,14 @@ def test_each_database_names_its_own_migrations_folder() -> None:
     assert any(p.name.startswith("0001") for p in sqlite_folder.glob("*.sql"))
     with pytest.raises(ValueError, match="no migrations for database"):
         migrations_dir("oracle")
-    if (sqlite_folder / "postgresql").is_dir():
-        assert migrations_dir("postgresql") == sqlite_folder / "postgresql"
+    # Each database owns a folder of its own, side by side under migrations/.
+    assert sqlite_folder.name == "sqlite"
+    assert migrations_dir("postgresql") == sqlite_folder.parent / "postgresql"
 
 
 def test_migrations_apply_roll_back_and_apply_again(tmp_path: Path) -> None:
     path = tmp_path / "m.db"
-    expected = {"api_keys", "chat_sessions", "messages", "idempotency_keys"}
+    expected = {"api_keys", "chat_sessions", "messages", "idempotency_keys", "responses"}
 
     assert apply_migrations(str(path)) >= 1
     assert tables(path) == expected

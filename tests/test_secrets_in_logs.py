@@ -6,10 +6,10 @@ import logging
 
 import pytest
 
-from sessionbridge.web.appkeys import STORE
 from sessionbridge.cli import quiet_library_loggers
-from sessionbridge.tokens import hash_token
 from sessionbridge.reference.seed_server import DevServerState
+from sessionbridge.tokens import hash_token
+from sessionbridge.web.appkeys import STORE
 
 from .conftest import MakeApi
 

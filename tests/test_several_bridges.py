@@ -2,37 +2,44 @@
 
 Each test starts real bridge processes on one migrated database and a
 reference AI server in this process, whose counters and switches the test
-reads and turns (its /scenario calls count the AI sessions created, its
-``delay`` holds a turn open).
+reads and turns (its /scenario calls count the AI sessions created; holding
+its gate keeps a turn open). The database shows what the bridges do: a
+message waiting for its session's turn has a row in ``turn_tickets``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import openai
 import psycopg
 import pytest
 from aiohttp.test_utils import TestServer
 from pytest_aiohttp import AiohttpServer
 
+from sessionbridge.app import create_app
+from sessionbridge.config import Settings
 from sessionbridge.reference.openai_server import (
     OpenAIReferenceState,
     create_openai_reference_app,
 )
-from sessionbridge.reference.seed_server import DevServerState
+from sessionbridge.reference.seed_server import DevServerState, create_devserver_app
+from sessionbridge.web.appkeys import SETTINGS
 
+from .doubles import FIRST_PIECE_WRITES, HANG_TIMEOUT, ServerGate, wait_until
 from .processes import SIGKILL, Process, Processes, clean_env, free_port, run_cli, wait_http_ok
-from .sse import Stream, read_events
+from .sse import Stream, joined, read_events
 
 STREAM = {"Accept": "text/event-stream"}
 # Short enough for a test to wait out, long enough for a loaded machine's beats.
 TEST_LEASE = 3.0
+# Messages waiting for their session's turn, on every bridge.
+WAITING = "SELECT count(*) FROM turn_tickets"
 
 
 def query(dsn: str, sql: str, *params: Any) -> list[tuple[Any, ...]]:
@@ -105,18 +112,26 @@ class Cluster:
     async def wait_messages(
         self, bridge: Bridge, session_id: str, count: int, within: float = 15.0
     ) -> list[dict[str, Any]]:
-        deadline = time.monotonic() + within
-        while len(messages := await self.messages(bridge, session_id)) < count:
-            assert time.monotonic() < deadline, messages
-            await asyncio.sleep(0.05)
-        return messages
+        seen: list[list[dict[str, Any]]] = []
+
+        async def stored() -> bool:
+            seen.append(await self.messages(bridge, session_id))
+            return len(seen[-1]) >= count
+
+        await wait_until(stored, within, lambda: str(seen[-1]), every=0.05)
+        return seen[-1]
+
+    async def wait_waiting(self, count: int) -> None:
+        """Return once ``count`` messages wait for their session's turn, on any bridge."""
+        await wait_until(lambda: query(self.dsn, WAITING) == [(count,)], every=0.02)
 
 
 @pytest.fixture
-async def seed_server(aiohttp_server: AiohttpServer, ai_state: DevServerState) -> TestServer:
-    from sessionbridge.reference.seed_server import create_devserver_app
-
-    return await aiohttp_server(create_devserver_app(ai_state))
+async def seed_server(
+    aiohttp_server: AiohttpServer, ai_state: DevServerState, ai_gate: ServerGate
+) -> AsyncIterator[TestServer]:
+    yield await aiohttp_server(ai_gate.install(create_devserver_app(ai_state)))
+    ai_gate.release_all()
 
 
 async def _cluster(
@@ -159,15 +174,20 @@ def questions_and_answers(messages: list[dict[str, Any]]) -> list[tuple[str, str
 
 
 async def test_racing_first_messages_through_two_bridges_create_one_ai_session(
-    cluster: Cluster, ai_state: DevServerState
+    cluster: Cluster, ai_state: DevServerState, ai_gate: ServerGate
 ) -> None:
     a, b = await cluster.start(), await cluster.start()
-    ai_state.delay = 0.3
     session_id = await cluster.new_session(a)
+    ai_gate.hold()
 
-    answers = await asyncio.gather(
+    sending = asyncio.gather(
         cluster.send(a, session_id, "first via A"), cluster.send(b, session_id, "first via B")
     )
+    # One is inside the AI server, the other waits for the session on its bridge.
+    await ai_gate.wait_held()
+    await cluster.wait_waiting(1)
+    ai_gate.release()
+    answers = await sending
 
     assert [status for status, _, _ in answers] == [200, 200], answers
     assert sorted(body["ai_session"] for _, body, _ in answers) == ["created", "reused"]
@@ -176,19 +196,23 @@ async def test_racing_first_messages_through_two_bridges_create_one_ai_session(
 
 
 async def test_messages_through_both_bridges_are_answered_one_at_a_time_in_arrival_order(
-    cluster: Cluster, ai_state: DevServerState
+    cluster: Cluster, ai_state: DevServerState, ai_gate: ServerGate
 ) -> None:
     a, b = await cluster.start(), await cluster.start()
     session_id = await cluster.new_session(a)
     await cluster.send(a, session_id, "warm up")  # the AI session exists
-    ai_state.delay = 0.4
+    ai_gate.hold()
     # Two in a row on one bridge, then two on the other: a bridge's own queue
     # must not jump ahead of a message that reached the other bridge first.
     route = [a, a, b, b, a, b]
     sends = []
     for number, bridge in enumerate(route, start=1):
         sends.append(asyncio.create_task(cluster.send(bridge, session_id, f"message {number}")))
-        await asyncio.sleep(0.15)
+        if number == 1:
+            await ai_gate.wait_held()  # the first is inside the AI server
+        else:
+            await cluster.wait_waiting(number - 1)  # in line before the next is sent
+    ai_gate.release()
     answers = await asyncio.gather(*sends)
 
     assert [status for status, _, _ in answers] == [200] * len(route), answers
@@ -203,18 +227,19 @@ async def test_messages_through_both_bridges_are_answered_one_at_a_time_in_arriv
 
 
 async def test_an_idempotency_key_in_progress_on_one_bridge_is_409_on_the_other(
-    cluster: Cluster, ai_state: DevServerState
+    cluster: Cluster, ai_state: DevServerState, ai_gate: ServerGate
 ) -> None:
     a, b = await cluster.start(), await cluster.start()
     session_id = await cluster.new_session(a)
-    ai_state.delay = 1.5
+    ai_gate.hold()
     key = {"Idempotency-Key": "once-only"}
 
     first = asyncio.create_task(cluster.send(a, session_id, "hello", key))
-    await cluster.wait_messages(b, session_id, 1)  # the question is stored: in progress
+    await ai_gate.wait_held()  # the question is stored and being answered: in progress
     status, body, headers = await cluster.send(b, session_id, "hello", key)
     assert (status, body["code"]) == (409, "idempotency_in_progress"), body
     assert int(headers["Retry-After"]) > 0
+    ai_gate.release()
 
     status, answered, _ = await first
     assert status == 200, answered
@@ -225,24 +250,33 @@ async def test_an_idempotency_key_in_progress_on_one_bridge_is_409_on_the_other(
 
 
 async def test_a_streamed_idempotent_retry_on_another_bridge_follows_the_turn_running_there(
-    cluster: Cluster, ai_state: DevServerState
+    cluster: Cluster, ai_state: DevServerState, ai_gate: ServerGate
 ) -> None:
     a, b = await cluster.start(), await cluster.start()
     session_id = await cluster.new_session(a)
-    ai_state.delay = 1.5
+    ai_gate.hold()
     key = {"Idempotency-Key": "streamed-once"}
 
-    async def stream(bridge: Bridge) -> Stream:
+    async def stream(bridge: Bridge, *, started: asyncio.Event | None = None) -> Stream:
         async with cluster.http.post(
             f"{bridge.url}/v1/sessions/{session_id}/messages", json={"content": "hello"},
             headers=cluster.headers({**key, **STREAM}),
         ) as response:
-            return await read_events(response)
+            head = await read_events(response, stop_after_events=1)
+            if started is not None:
+                started.set()
+            return joined(head, await read_events(response))
 
     first = asyncio.create_task(stream(a))
-    await cluster.wait_messages(b, session_id, 1)  # the question is stored: in progress on A
+    await ai_gate.wait_held()  # the question is stored: in progress on A
+    b_started = asyncio.Event()
+    following = asyncio.create_task(stream(b, started=b_started))
+    await asyncio.wait_for(b_started.wait(), HANG_TIMEOUT)
+    # B was following while A's turn ran (held in the AI server), not replaying it afterwards.
     assert not first.done()
-    followed = await stream(b)
+    assert ai_gate.waiting == 1
+    ai_gate.release()
+    followed = await following
     own = await first
 
     assert own.names[0] == followed.names[0] == "turn.started"
@@ -250,8 +284,6 @@ async def test_a_streamed_idempotent_retry_on_another_bridge_follows_the_turn_ru
     started, completed = own.events[0].data, own.events[-1].data
     assert followed.events[0].data["user_message"]["id"] == started["user_message"]["id"]
     assert followed.events[-1].data == completed
-    # B was following while A's turn ran, not replaying it afterwards.
-    assert followed.events[0].at < own.events[-1].at
     messages = await cluster.messages(b, session_id)
     assert [m["role"] for m in messages] == ["user", "assistant"]
     assert followed.text == own.text == messages[1]["content"] == completed["reply"]["content"]
@@ -274,47 +306,45 @@ async def test_a_key_revoked_through_one_bridge_is_refused_by_the_other_within_t
 
     done = await run_cli("keys", "revoke", "soon-revoked", "--db", cluster.dsn)
     assert done.returncode == 0, done.stderr
-    revoked_at = time.monotonic()
 
     for bridge in (a, b):
-        while True:
+
+        async def refused(bridge: Bridge = bridge) -> bool:
             async with cluster.http.get(bridge.url + "/v1/sessions",
                                         headers=cluster.headers()) as response:
-                if response.status == 401:
-                    break
-                assert response.status == 200
-            # SESSIONBRIDGE_KEY_CACHE_SECONDS=1, and a little for a loaded machine.
-            assert time.monotonic() - revoked_at < 1.0 + 1.0
-            await asyncio.sleep(0.05)
+                assert response.status in (200, 401)
+                return response.status == 401
+
+        # Once the cached key is older than SESSIONBRIDGE_KEY_CACHE_SECONDS=1.
+        await wait_until(refused, every=0.05)
 
 
 # -- a bridge that dies, a bridge that starts -------------------------------------------------
 
 
 async def test_a_bridge_killed_mid_turn_frees_its_session_within_the_lease(
-    cluster: Cluster, ai_state: DevServerState
+    cluster: Cluster, ai_gate: ServerGate
 ) -> None:
     a, b = await cluster.start(), await cluster.start()
     session_id = await cluster.new_session(a)
     await cluster.send(a, session_id, "before")
-    ai_state.delay = 60.0  # the turn on A never ends by itself
+    ai_gate.hold()  # the turn on A never ends by itself
     cut_off = asyncio.create_task(cluster.send(a, session_id, "cut off"))
-    await cluster.wait_messages(b, session_id, 3)
+    await ai_gate.wait_held()
 
     a.process.signal(SIGKILL)
-    killed_at = time.monotonic()
-    ai_state.delay = 0.0
     with pytest.raises(aiohttp.ClientError):
         await cut_off
+    ai_gate.release()
 
     # Its question ends failed without anyone asking, once the lease has run
     # out (and the next beat of the live bridge has seen it).
-    while (await cluster.messages(b, session_id))[2]["status"] == "pending":
-        assert time.monotonic() - killed_at < TEST_LEASE * 2 + 2, "still pending"
-        await asyncio.sleep(0.1)
+    async def failed() -> bool:
+        return bool((await cluster.messages(b, session_id))[2]["status"] != "pending")
+
+    await wait_until(failed, TEST_LEASE * 2 + HANG_TIMEOUT, "still pending", every=0.1)
     status, body, _ = await cluster.send(b, session_id, "after")
     assert status == 200, body
-    assert time.monotonic() - killed_at < TEST_LEASE * 2 + 3
     messages = await cluster.messages(b, session_id)
     assert [(m["content"], m["status"]) for m in messages if m["role"] == "user"] == [
         ("before", "answered"), ("cut off", "failed"), ("after", "answered"),
@@ -323,23 +353,23 @@ async def test_a_bridge_killed_mid_turn_frees_its_session_within_the_lease(
 
 
 async def test_the_next_message_on_another_bridge_waits_out_a_dead_turns_lease(
-    cluster: Cluster, ai_state: DevServerState
+    cluster: Cluster, ai_gate: ServerGate
 ) -> None:
     a, b = await cluster.start(), await cluster.start()
     session_id = await cluster.new_session(a)
-    ai_state.delay = 60.0
+    ai_gate.hold()  # the turn on A never ends by itself
     cut_off = asyncio.create_task(cluster.send(a, session_id, "cut off"))
-    await cluster.wait_messages(b, session_id, 1)
+    await ai_gate.wait_held()
     a.process.signal(SIGKILL)
-    killed_at = time.monotonic()
-    ai_state.delay = 0.0
     with pytest.raises(aiohttp.ClientError):
         await cut_off
+    ai_gate.release()
 
+    # Answered once the dead turn's lease has run out (the client's timeout
+    # only stops a hang).
     status, body, _ = await cluster.send(b, session_id, "next")
 
     assert status == 200, body
-    assert time.monotonic() - killed_at < TEST_LEASE + 2
     users = [m for m in await cluster.messages(b, session_id) if m["role"] == "user"]
     assert [(m["content"], m["status"]) for m in users] == [
         ("cut off", "failed"), ("next", "answered"),
@@ -347,16 +377,18 @@ async def test_the_next_message_on_another_bridge_waits_out_a_dead_turns_lease(
 
 
 async def test_a_bridge_starting_does_not_fail_the_turns_running_on_another(
-    cluster: Cluster, ai_state: DevServerState
+    cluster: Cluster, ai_gate: ServerGate
 ) -> None:
     a = await cluster.start()
     session_id = await cluster.new_session(a)
-    ai_state.delay = 2.0
+    ai_gate.hold()
     running = asyncio.create_task(cluster.send(a, session_id, "long question"))
-    await cluster.wait_messages(a, session_id, 1)
+    await ai_gate.wait_held()
 
     await cluster.start()  # fails the pending turns of dead bridges at start, not A's
 
+    assert [m["status"] for m in await cluster.messages(a, session_id)] == ["pending"]
+    ai_gate.release()
     status, body, _ = await running
     assert status == 200, body
     assert [m["status"] for m in await cluster.messages(a, session_id)] == ["answered"] * 2
@@ -390,10 +422,8 @@ async def test_two_bridges_serving_an_empty_database_at_once_both_migrate_it(
 
 @pytest.fixture
 def openai_state() -> OpenAIReferenceState:
-    # A reply of 40 one-word pieces, 50 ms apart: about two seconds to follow.
-    return OpenAIReferenceState(
-        piece_delay=0.05, tokens_per_piece=1, reply_text=" ".join(["word"] * 40)
-    )
+    # A reply of 40 one-word pieces (hold openai_gate.writes to pause it).
+    return OpenAIReferenceState(tokens_per_piece=1, reply_text=" ".join(["word"] * 40))
 
 
 @pytest.fixture
@@ -402,8 +432,9 @@ async def openai_cluster(
     procs: Processes,
     aiohttp_server: AiohttpServer,
     openai_state: OpenAIReferenceState,
+    openai_gate: ServerGate,
 ) -> AsyncIterator[Cluster]:
-    server = await aiohttp_server(create_openai_reference_app(openai_state))
+    server = await aiohttp_server(openai_gate.install(create_openai_reference_app(openai_state)))
     env = {
         "SESSIONBRIDGE_UPSTREAM_FLAVOR": "openai",
         "SESSIONBRIDGE_UPSTREAM_MAX_TOKENS": "1-500",
@@ -411,6 +442,7 @@ async def openai_cluster(
     }
     async for made in _cluster(procs, migrated_postgres_dsn, str(server.make_url("/v1")), env):
         yield made
+    openai_gate.release_all()
 
 
 async def follow_events(
@@ -424,11 +456,12 @@ async def follow_events(
 
 
 async def test_events_on_another_bridge_follow_a_running_turn_and_replay_an_ended_one(
-    openai_cluster: Cluster,
+    openai_cluster: Cluster, openai_gate: ServerGate
 ) -> None:
     cluster = openai_cluster
     a, b = await cluster.start(), await cluster.start()
     session_id = await cluster.new_session(a)
+    openai_gate.hold_writes_after(FIRST_PIECE_WRITES)
 
     async with cluster.http.post(
         f"{a.url}/v1/sessions/{session_id}/messages", json={"content": "tell me"},
@@ -437,18 +470,24 @@ async def test_events_on_another_bridge_follow_a_running_turn_and_replay_an_ende
         first_line = await response.content.readuntil(b"\n\n")  # turn.started
         assert b"turn.started" in first_line, first_line
         message_id = (await cluster.wait_messages(b, session_id, 1))[0]["id"]
-        followed, own = await asyncio.gather(
-            follow_events(cluster, b, session_id, message_id), read_events(response)
-        )
+        async with cluster.http.get(
+            f"{b.url}/v1/sessions/{session_id}/messages/{message_id}/events",
+            headers=cluster.headers(),
+        ) as following:
+            # Live: a piece reaches the other bridge's reader while the AI
+            # server still holds back the rest of the reply.
+            head = await read_events(following, stop_after_deltas=1)
+            assert openai_gate.writes.waiting == 1
+            openai_gate.writes.release()
+            followed, own = await asyncio.gather(read_events(following), read_events(response))
+        followed = joined(head, followed)
 
     assert followed.names[0] == "turn.started" and followed.names[-1] == "turn.completed"
     completed_on_a = own.events[-1]
     assert completed_on_a.name == "turn.completed"
     stored = (await cluster.messages(b, session_id))[1]["content"]
     assert followed.text == stored == " ".join(["word"] * 40)
-    # Live: pieces reached the other bridge's reader before the turn ended.
     assert len(followed.deltas) > 1
-    assert followed.deltas[0].at < completed_on_a.at - 0.5
     assert [d.id for d in followed.deltas] == list(range(1, len(followed.deltas) + 1))
     assert followed.events[-1].data == completed_on_a.data
 
@@ -462,10 +501,6 @@ async def test_events_on_another_bridge_follow_a_running_turn_and_replay_an_ende
 def test_llama_cpp_slot_saving_is_off_with_a_warning_on_postgresql(
     caplog: pytest.LogCaptureFixture, tmp_path: Path
 ) -> None:
-    from sessionbridge.app import create_app
-    from sessionbridge.web.appkeys import SETTINGS
-    from sessionbridge.config import Settings
-
     wanted = {"slot_save": "on", "slot_dir": str(tmp_path), "upstream_flavor": "openai"}
     on_postgres = create_app(Settings(db="postgresql://h/db", **wanted))  # type: ignore[arg-type]
     on_sqlite = create_app(Settings(db=str(tmp_path / "b.db"), **wanted))  # type: ignore[arg-type]
@@ -473,3 +508,29 @@ def test_llama_cpp_slot_saving_is_off_with_a_warning_on_postgresql(
     assert on_postgres[SETTINGS].slot_save == "off"
     assert on_sqlite[SETTINGS].slot_save == "on"
     assert "event=slot_save_disabled" in caplog.text
+
+
+# -- the OpenAI face across bridges -----------------------------------------------------------
+
+
+async def test_a_response_running_on_one_bridge_is_retrieved_streamed_and_cancelled_on_another(
+    cluster: Cluster, ai_state: DevServerState
+) -> None:
+    a, b = await cluster.start(), await cluster.start()
+    via_a = openai.AsyncOpenAI(base_url=a.url + "/v1", api_key=cluster.token, max_retries=0)
+    via_b = openai.AsyncOpenAI(base_url=b.url + "/v1", api_key=cluster.token, max_retries=0)
+    try:
+        done = await via_a.responses.create(model="any", input="quick")
+        assert (await via_b.responses.retrieve(done.id)).output_text == done.output_text
+        replayed = [e async for e in await via_b.responses.retrieve(done.id, stream=True)]
+        assert replayed[-1].type == "response.completed"
+
+        ai_state.delay = 30.0  # the next answer stays in the AI server until cancelled
+        running = await via_a.responses.create(model="any", input="slow", background=True)
+        assert (await via_b.responses.retrieve(running.id)).status == "in_progress"
+        cancelled = await via_b.responses.cancel(running.id)
+        assert cancelled.status == "cancelled"
+        assert (await via_a.responses.retrieve(running.id)).status == "cancelled"
+    finally:
+        await via_a.close()
+        await via_b.close()

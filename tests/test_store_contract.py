@@ -10,16 +10,27 @@ from __future__ import annotations
 
 import asyncio
 import re
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-from sessionbridge.records import ApiKey, ChatSession, IdempotencyStart, Usage
-from sessionbridge.store.schema import apply_migrations
+from sessionbridge.errors import IdempotencyInProgress
+from sessionbridge.records import (
+    ApiKey,
+    ChatSession,
+    ContextMessage,
+    IdempotencyStart,
+    ResponseRow,
+    Usage,
+)
 from sessionbridge.store import DuplicateKeyName, SessionGone, Store
+from sessionbridge.store.schema import apply_migrations
 from sessionbridge.store.sqlite import SqliteStore
+
+from .doubles import wait_until
 
 RFC3339_MS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 
@@ -130,8 +141,11 @@ async def test_a_revocation_elsewhere_is_seen_once_the_cached_key_is_older_than_
     await other.revoke_key("dave")
 
     assert await cached.key_for_token_hash(b"h-dave") is not None  # still trusted for a while
-    await asyncio.sleep(0.35)
-    assert await cached.key_for_token_hash(b"h-dave") is None
+
+    async def forgotten() -> bool:
+        return await cached.key_for_token_hash(b"h-dave") is None
+
+    await wait_until(forgotten)  # once the cached entry is older than 0.3 s
 
 
 async def test_without_a_cache_a_revocation_elsewhere_is_seen_at_once(backend: Backend) -> None:
@@ -524,3 +538,441 @@ async def test_turns_cut_off_mid_way_are_failed_at_the_next_start(backend: Backe
 
 async def test_a_store_answers_its_ping(store: Store) -> None:
     await store.ping()
+
+
+# -- conversations, chains and responses (the OpenAI face) -------------------------------------
+
+
+def a_response(
+    key: ApiKey, session: ChatSession | None, response_id: str = "resp_1"
+) -> ResponseRow:
+    return ResponseRow(
+        0, response_id, key.id, None if session is None else session.pk, 1_700_000_000,
+        "model-x", f"msg_{response_id}", '{"input": "Grüße 😀"}',
+    )
+
+
+async def test_a_session_gets_a_new_uuid_and_kind_session_unless_told(store: Store) -> None:
+    key, session = await key_and_session(store)
+
+    assert str(uuid.UUID(session.id)) == session.id
+    assert (session.kind, session.metadata) == ("session", None)
+    assert await store.get_session(key.id, session.id) == session
+
+
+async def test_a_session_is_created_with_its_id_kind_metadata_and_items_as_answered_messages(
+    store: Store,
+) -> None:
+    key = await store.create_key("k", b"h")
+    items = [ContextMessage("user", "Hi 😀"), ContextMessage("assistant", "Hello\r\n"),
+             ContextMessage("user", "And?")]
+
+    session = await store.create_session(
+        key.id, None, "s", 10, session_id="conv_abc", kind="conversation",
+        metadata='{"topic": "tests"}', items=items,
+    )
+
+    assert (session.id, session.kind, session.metadata) == (
+        "conv_abc", "conversation", '{"topic": "tests"}')
+    assert session.message_count == 3 and session.title is None
+    assert await store.get_session(key.id, "conv_abc") == session
+    assert await store.list_sessions(key.id, 10, None) == [session]
+    messages = await store.list_messages(session.pk, 10, None)
+    assert [(m.seq, m.role, m.content, m.status) for m in messages] == [
+        (1, "user", "Hi 😀", "answered"), (2, "assistant", "Hello\r\n", "answered"),
+        (3, "user", "And?", "answered"),
+    ]
+    assert len({m.id for m in messages}) == 3
+    question = await store.begin_turn(session.pk, "next")
+    assert question.seq == 4
+
+
+async def test_the_lease_hands_over_the_session_with_its_kind_and_metadata(store: Store) -> None:
+    key = await store.create_key("k", b"h")
+    session = await store.create_session(
+        key.id, None, "s", 10, kind="conversation", metadata='{"a": "b"}'
+    )
+
+    async with store.coordination.turn_lease(session.pk) as lease:
+        taken = await lease.take()
+
+    # None where one process serves the database (its cached row is right).
+    assert taken is None or taken == session
+
+
+async def test_metadata_is_replaced(store: Store) -> None:
+    key = await store.create_key("k", b"h")
+    session = await store.create_session(key.id, None, "s", 10, kind="conversation",
+                                         metadata='{"v": 1}')
+
+    await store.set_metadata(session.pk, '{"v": 2, "é": "😀"}')
+
+    read = await store.get_session(key.id, session.id)
+    assert read is not None and read.metadata == '{"v": 2, "é": "😀"}'
+
+
+async def test_a_new_scenario_lets_the_ai_session_go(store: Store) -> None:
+    key, session = await key_and_session(store)
+    await store.set_ai_session(session.pk, "ai-123")
+
+    await store.set_scenario(session.pk, "You are a pirate.")
+
+    read = await store.get_session(key.id, session.id)
+    assert read is not None and (read.scenario, read.ai_session_id) == ("You are a pirate.", None)
+
+
+async def test_a_fork_copies_the_answered_messages_up_to_a_seq_byte_for_byte_renumbered(
+    store: Store,
+) -> None:
+    key, source = await key_and_session(store)
+    text = "Grüße 😀 — 漢字 \t\r\n ' \" \\ %s $1"
+    first = await store.begin_turn(source.pk, text)
+    await store.finish_turn(source.pk, first.pk, text[::-1], "created", usage=Usage(10, 0, 3),
+                            piece_ends="2,5")
+    lost = await store.begin_turn(source.pk, "lost")
+    await store.fail_turn(source.pk, lost.pk, error_code="upstream_error")
+    await store.add_items(source.pk, [ContextMessage("user", "an item")])
+    second = await store.begin_turn(source.pk, "second")
+    answer = await store.finish_turn(source.pk, second.pk, "answer 2", "reused",
+                                     usage=Usage(40, 30, 5))
+    await answered_turn(store, source, "beyond", "the fork")
+
+    fork = await store.fork_session(source, answer.seq, "A new scenario", 50)
+
+    assert fork.kind == "chain" and fork.id != source.id and fork.pk != source.pk
+    assert str(uuid.UUID(fork.id)) == fork.id
+    assert (fork.api_key_id, fork.title, fork.scenario, fork.max_tokens) == (
+        key.id, None, "A new scenario", 50)
+    assert (fork.ai_session_id, fork.metadata, fork.message_count) == (None, None, 5)
+    assert await store.get_session(key.id, fork.id) == fork
+    originals = [m for m in await store.list_messages(source.pk, 100, None)
+                 if m.seq <= answer.seq and m.status == "answered"]
+    copies = await store.list_messages(fork.pk, 100, None)
+    assert [m.seq for m in copies] == [1, 2, 3, 4, 5]
+    assert [(m.role, m.content, m.status, m.ai_session, m.usage, m.piece_ends)
+            for m in copies] == [
+        (m.role, m.content, m.status, m.ai_session, m.usage, m.piece_ends) for m in originals]
+    assert copies[0].content.encode() == text.encode()
+    assert not {m.id for m in copies} & {m.id for m in originals}
+    assert len({m.id for m in copies}) == 5
+    assert [(t.user, t.assistant, t.usage) for t in await store.history(fork.pk)] == [
+        (t.user, t.assistant, t.usage) for t in await store.history(source.pk)][:2]
+    assert (await store.begin_turn(fork.pk, "on the fork")).seq == 6
+    # The source is as it was.
+    assert len(await store.list_messages(source.pk, 100, None)) == 8
+
+
+async def test_a_fork_of_nothing_answered_is_an_empty_chain(store: Store) -> None:
+    _key, source = await key_and_session(store)
+    await store.begin_turn(source.pk, "pending")
+
+    fork = await store.fork_session(source, 10, "s", 10)
+
+    assert (fork.kind, fork.message_count) == ("chain", 0)
+    assert await store.list_messages(fork.pk, 10, None) == []
+    assert (await store.begin_turn(fork.pk, "first")).seq == 1
+
+
+async def test_items_are_appended_as_answered_messages(store: Store) -> None:
+    key, session = await key_and_session(store)
+    await answered_turn(store, session, "q", "a")
+
+    added = await store.add_items(
+        session.pk, [ContextMessage("user", "u"), ContextMessage("assistant", "a 😀")]
+    )
+
+    assert [(m.seq, m.role, m.content, m.status) for m in added] == [
+        (3, "user", "u", "answered"), (4, "assistant", "a 😀", "answered")]
+    assert all(RFC3339_MS.match(m.created_at) for m in added)
+    assert (await store.list_messages(session.pk, 10, 2)) == added
+    assert await store.add_items(session.pk, []) == []
+    read = await store.get_session(key.id, session.id)
+    assert read is not None and read.message_count == 4
+    assert (await store.begin_turn(session.pk, "next")).seq == 5
+
+
+async def test_an_answer_given_as_an_item_leaves_a_failed_question_failed(store: Store) -> None:
+    _, session = await key_and_session(store)
+    question = await store.begin_turn(session.pk, "lost")
+    await store.fail_turn(session.pk, question.pk, error_code="upstream_error")
+
+    await store.add_items(session.pk, [ContextMessage("assistant", "an item")])
+
+    failed = await store.get_message(session.pk, question.pk)
+    assert failed is not None and failed.status == "failed"
+    # The item stands alone: the failed question is no part of any turn.
+    assert [(t.user, t.assistant) for t in await store.history(session.pk)] == [("", "an item")]
+
+
+async def test_items_for_a_deleted_session_are_session_gone(store: Store) -> None:
+    key, session = await key_and_session(store)
+    await store.delete_session(key.id, session.id)
+
+    with pytest.raises(SessionGone):
+        await store.add_items(session.pk, [ContextMessage("user", "u")])
+
+
+async def test_a_deleted_message_is_gone_and_counted_out_but_seqs_go_on(store: Store) -> None:
+    key, session = await key_and_session(store)
+    _, other = await key_and_session(store, "other")
+    [first, last] = await store.add_items(
+        session.pk, [ContextMessage("user", "one"), ContextMessage("user", "two")]
+    )
+
+    assert await store.delete_message(other.pk, last.id) is False
+    assert await store.delete_message(session.pk, last.id) is True
+    assert await store.delete_message(session.pk, last.id) is False
+    assert await store.delete_message(session.pk, "no-such-id") is False
+
+    assert await store.list_messages(session.pk, 10, None) == [first]
+    assert await store.get_message_by_id(session.pk, last.id) is None
+    read = await store.get_session(key.id, session.id)
+    assert read is not None and read.message_count == 1
+    assert (await store.begin_turn(session.pk, "three")).seq == 3
+
+
+async def test_answered_since_lists_answered_messages_of_both_roles_from_a_seq(
+    store: Store,
+) -> None:
+    _key, session = await key_and_session(store)
+    await answered_turn(store, session, "q0", "a0")
+    lost = await store.begin_turn(session.pk, "lost")
+    await store.fail_turn(session.pk, lost.pk)
+    await store.add_items(session.pk, [ContextMessage("user", "item")])
+    await answered_turn(store, session, "q1", "a1")
+    await store.begin_turn(session.pk, "pending")
+
+    since = await store.answered_since(session.pk, 2)
+
+    assert [(m.seq, m.role, m.content) for m in since] == [
+        (2, "assistant", "a0"), (4, "user", "item"), (5, "user", "q1"), (6, "assistant", "a1")]
+    assert since == [m for m in await store.list_messages(session.pk, 10, None)
+                     if m.seq >= 2 and m.status == "answered"]
+    assert await store.answered_since(session.pk, 8) == []
+
+
+async def test_history_joins_the_user_messages_before_an_answer_into_one_turn(
+    store: Store,
+) -> None:
+    key = await store.create_key("k", b"h")
+    session = await store.create_session(key.id, None, "s", 10, items=[
+        ContextMessage("user", "u1"), ContextMessage("user", "u2"),
+        ContextMessage("assistant", "a1"),
+    ])
+    lost = await store.begin_turn(session.pk, "lost")
+    await store.fail_turn(session.pk, lost.pk)
+    question = await store.begin_turn(session.pk, "q")
+    await store.finish_turn(session.pk, question.pk, "a", "reused", usage=Usage(9, 0, 1))
+    await store.add_items(session.pk, [ContextMessage("user", "loose")])
+    await store.begin_turn(session.pk, "pending")
+
+    history = await store.history(session.pk)
+
+    assert [(t.seq, t.user, t.assistant, t.usage) for t in history] == [
+        (1, "u1\n\nu2", "a1", None), (5, "q", "a", Usage(9, 0, 1))]
+    assert [(t.seq, t.user) for t in await store.history(session.pk, from_seq=5)] == [(5, "q")]
+
+
+async def test_a_question_is_stored_after_its_context_and_linked_to_its_response(
+    store: Store,
+) -> None:
+    key, session = await key_and_session(store)
+    await answered_turn(store, session, "q0", "a0")
+    response = await store.create_response(a_response(key, session))
+
+    question = await store.begin_turn(
+        session.pk, "q1", response_pk=response.pk,
+        context=[ContextMessage("user", "c1"), ContextMessage("assistant", "c2")],
+    )
+
+    assert (question.seq, question.role, question.content, question.status) == (
+        5, "user", "q1", "pending")
+    messages = await store.list_messages(session.pk, 10, None)
+    assert [(m.seq, m.role, m.content, m.status) for m in messages][2:] == [
+        (3, "user", "c1", "answered"), (4, "assistant", "c2", "answered"),
+        (5, "user", "q1", "pending")]
+    assert messages[-1] == question
+    read = await store.get_session(key.id, session.id)
+    assert read is not None and read.message_count == 5
+    running = await store.get_response(key.id, "resp_1")
+    assert running is not None and (running.question, running.answer) == (question, None)
+    by_question = await store.response_for_question(question.pk)
+    assert by_question is not None and by_question.pk == response.pk
+
+    answer = await store.finish_turn(session.pk, question.pk, "a1", "reused")
+
+    done = await store.get_response(key.id, "resp_1")
+    assert done is not None and done.answer == answer and not done.incomplete
+    assert done.question is not None and done.question.status == "answered"
+    assert [(t.seq, t.user, t.assistant) for t in await store.history(session.pk)] == [
+        (1, "q0", "a0"), (3, "c1", "c2"), (5, "q1", "a1")]
+
+
+async def test_a_question_linked_to_its_response_without_context(store: Store) -> None:
+    key, session = await key_and_session(store)
+    response = await store.create_response(a_response(key, session))
+
+    question = await store.begin_turn(session.pk, "q", response_pk=response.pk)
+
+    assert question.seq == 1
+    read = await store.get_response(key.id, "resp_1")
+    assert read is not None and read.question == question
+
+
+async def test_an_idempotent_question_with_context_is_recorded_and_refused_while_running(
+    store: Store,
+) -> None:
+    key, session = await key_and_session(store)
+    other = await store.create_session(key.id, None, "s", 10)
+    start = IdempotencyStart(key.id, "k-1", "fp-1", 1000.0)
+
+    question = await store.begin_turn(
+        session.pk, "q", idempotency=start, context=[ContextMessage("user", "c")]
+    )
+    with pytest.raises(IdempotencyInProgress):
+        await store.begin_turn(
+            other.pk, "q", idempotency=start, context=[ContextMessage("user", "c")]
+        )
+
+    record = await store.get_idempotency(key.id, "k-1")
+    assert record is not None and (record.state, record.user_message_pk) == (
+        "in_progress", question.pk)
+    assert [m.content for m in await store.list_messages(session.pk, 10, None)] == ["c", "q"]
+    # The refused request stored nothing.
+    assert await store.list_messages(other.pk, 10, None) == []
+    read = await store.get_session(key.id, other.id)
+    assert read is not None and read.message_count == 0
+
+
+async def test_failing_a_question_fails_the_context_it_brought(store: Store) -> None:
+    _key, session = await key_and_session(store)
+    await answered_turn(store, session, "q0", "a0")
+    question = await store.begin_turn(
+        session.pk, "q", context=[ContextMessage("user", "c1"), ContextMessage("user", "c2")]
+    )
+
+    await store.fail_turn(session.pk, question.pk, error_code="upstream_error", context_count=2)
+
+    messages = await store.list_messages(session.pk, 10, None)
+    assert [(m.content, m.status) for m in messages] == [
+        ("q0", "answered"), ("a0", "answered"), ("c1", "failed"), ("c2", "failed"),
+        ("q", "failed")]
+    assert messages[-1].error_code == "upstream_error"
+    await answered_turn(store, session, "q1", "a1")
+    assert [(t.seq, t.user, t.assistant) for t in await store.history(session.pk)] == [
+        (1, "q0", "a0"), (6, "q1", "a1")]
+    assert [m.content for m in await store.answered_since(session.pk, 1)] == [
+        "q0", "a0", "q1", "a1"]
+
+
+async def test_failing_an_answered_question_leaves_its_context_alone(store: Store) -> None:
+    _key, session = await key_and_session(store)
+    question = await store.begin_turn(session.pk, "q", context=[ContextMessage("user", "c")])
+    await store.finish_turn(session.pk, question.pk, "a", "created")
+
+    await store.fail_turn(session.pk, question.pk, context_count=1)
+
+    assert [m.status for m in await store.list_messages(session.pk, 10, None)] == [
+        "answered"] * 3
+
+
+async def test_an_answer_cut_by_its_token_limit_makes_its_response_incomplete(
+    store: Store,
+) -> None:
+    key, session = await key_and_session(store)
+    cut = await store.create_response(a_response(key, session, "resp_cut"))
+    whole = await store.create_response(a_response(key, session, "resp_whole"))
+    question = await store.begin_turn(session.pk, "long", response_pk=cut.pk)
+    await store.finish_turn(session.pk, question.pk, "partial", "created", truncated=True)
+    question = await store.begin_turn(session.pk, "short", response_pk=whole.pk)
+    await store.finish_turn(session.pk, question.pk, "whole", "reused")
+
+    read_cut = await store.get_response(key.id, "resp_cut")
+    read_whole = await store.get_response(key.id, "resp_whole")
+
+    assert read_cut is not None and read_cut.incomplete
+    assert read_cut.answer is not None and read_cut.answer.content == "partial"
+    assert read_whole is not None and not read_whole.incomplete
+
+
+async def test_a_response_is_stored_and_read_back_by_its_owner_only(store: Store) -> None:
+    key, session = await key_and_session(store)
+    stranger = await store.create_key("stranger", b"h-stranger")
+
+    made = await store.create_response(a_response(key, session))
+    loose = await store.create_response(a_response(key, None, "resp_loose"))
+
+    assert made.pk > 0 and loose.pk not in (0, made.pk)
+    read = await store.get_response(key.id, "resp_1")
+    assert read == made  # no question yet: no question, no answer
+    assert (read.body, read.created_at, read.model, read.output_message_id) == (
+        '{"input": "Grüße 😀"}', 1_700_000_000, "model-x", "msg_resp_1")
+    assert (read.continued, read.incomplete, read.question, read.answer) == (
+        False, False, None, None)
+    assert await store.get_response(key.id, "resp_loose") == loose
+    assert loose.session_pk is None
+    assert await store.get_response(stranger.id, "resp_1") is None
+    assert await store.get_response(key.id, "resp_nothing") is None
+    assert await store.response_for_question(123456) is None
+
+
+async def test_a_response_with_a_failed_question_has_no_answer(store: Store) -> None:
+    key, session = await key_and_session(store)
+    response = await store.create_response(a_response(key, session))
+    question = await store.begin_turn(session.pk, "q", response_pk=response.pk)
+
+    await store.fail_turn(session.pk, question.pk, error_code="upstream_timeout")
+
+    read = await store.get_response(key.id, "resp_1")
+    assert read is not None and read.answer is None
+    assert read.question is not None and (read.question.status, read.question.error_code) == (
+        "failed", "upstream_timeout")
+
+
+async def test_a_response_is_deleted_by_its_owner_only(store: Store) -> None:
+    key, session = await key_and_session(store)
+    stranger = await store.create_key("stranger", b"h-stranger")
+    await store.create_response(a_response(key, session))
+
+    assert await store.delete_response(stranger.id, "resp_1") is False
+    assert await store.delete_response(key.id, "resp_1") is True
+    assert await store.delete_response(key.id, "resp_1") is False
+
+    assert await store.get_response(key.id, "resp_1") is None
+
+
+async def test_deleting_a_session_deletes_its_responses(store: Store) -> None:
+    key, session = await key_and_session(store)
+    await store.create_response(a_response(key, session))
+
+    await store.delete_session(key.id, session.id)
+
+    assert await store.get_response(key.id, "resp_1") is None
+
+
+async def test_a_response_is_continued_by_one_claim_at_a_time(store: Store) -> None:
+    key, session = await key_and_session(store)
+    response = await store.create_response(a_response(key, session))
+
+    assert await store.claim_continuation(response.pk) is True
+    assert await store.claim_continuation(response.pk) is False
+    read = await store.get_response(key.id, "resp_1")
+    assert read is not None and read.continued
+
+    await store.release_continuation(response.pk)
+
+    read = await store.get_response(key.id, "resp_1")
+    assert read is not None and not read.continued
+    assert await store.claim_continuation(response.pk) is True
+
+
+async def test_concurrent_claims_of_a_continuation_give_it_to_one(backend: Backend) -> None:
+    first, second = await backend.open(), await backend.open()
+    key, session = await key_and_session(first)
+    response = await first.create_response(a_response(key, session))
+
+    claims = await asyncio.gather(
+        *(store.claim_continuation(response.pk) for _ in range(5) for store in (first, second))
+    )
+
+    assert sorted(claims) == [False] * 9 + [True]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import socket
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -15,24 +17,27 @@ from sessionbridge.reference.openai_server import (
     OpenAIReferenceState,
     create_openai_reference_app,
 )
-from sessionbridge.reference.seed_server import DevServerState
-from tests.conftest import Api, MakeApi, issue_token, problem
-from tests.sse import Stream, read_events
+from tests.conftest import Api, MakeApi, ReferenceAI, issue_token, problem
+from tests.doubles import FIRST_PIECE_WRITES, HANG_TIMEOUT, ServerGate, wait_until
+from tests.sse import Stream, joined, read_events
 
 STREAM = {"Accept": "text/event-stream"}
 
 
 @pytest.fixture
 def openai_state() -> OpenAIReferenceState:
-    # Pieces of three tokens, 20 ms apart: a reply takes a few hundred ms.
-    return OpenAIReferenceState(piece_delay=0.02, tokens_per_piece=3)
+    # Pieces of three tokens: a reply comes in several (hold openai_gate.writes to pause it).
+    return OpenAIReferenceState(tokens_per_piece=3)
 
 
 @pytest.fixture
 async def openai_server(
-    aiohttp_server: AiohttpServer, openai_state: OpenAIReferenceState
-) -> TestServer:
-    return await aiohttp_server(create_openai_reference_app(openai_state))
+    aiohttp_server: AiohttpServer, openai_state: OpenAIReferenceState, openai_gate: ServerGate
+) -> AsyncIterator[TestServer]:
+    yield await aiohttp_server(openai_gate.install(create_openai_reference_app(openai_state)))
+    openai_gate.release_all()
+
+
 
 
 @pytest.fixture
@@ -70,29 +75,43 @@ def check_complete(stream: Stream, stored: list[dict[str, Any]]) -> None:
     assert stream.events[0].data["user_message"]["status"] == "pending"
 
 
-async def test_seed_protocol_streams_its_reply_as_one_delta(api: Api) -> None:
+async def test_a_streamed_turn_is_complete_for_every_flavour(
+    make_flavored_api: MakeApi, reference_ai: ReferenceAI
+) -> None:
+    api = await make_flavored_api()
     session_id = await api.new_session()
 
     first = await streamed(api, session_id, "Hello")
     second = await streamed(api, session_id, "Again")
 
     stored = await api.messages(session_id)
+    check_complete(first, stored[:2])
     check_complete(second, stored)
-    assert len(first.deltas) == len(second.deltas) == 1
     assert first.events[-1].data["ai_session"] == "created"
     assert second.events[-1].data["ai_session"] == "reused"
+    if reference_ai.seed:
+        assert len(first.deltas) == len(second.deltas) == 1  # this protocol does not stream
+    else:
+        assert len(first.deltas) > 1 and len(second.deltas) > 1
 
 
-async def test_openai_replies_stream_piece_by_piece(openai_api_factory: MakeApi) -> None:
+async def test_openai_replies_stream_piece_by_piece(
+    openai_api_factory: MakeApi, openai_gate: ServerGate
+) -> None:
     api = await openai_api_factory()
     session_id = await api.new_session()
+    openai_gate.hold_writes_after(FIRST_PIECE_WRITES)
 
-    stream = await streamed(api, session_id, "Tell me something")
+    response = await api.send(session_id, "Tell me something", headers=STREAM)
+    first = await read_events(response, stop_after_deltas=1)
+    # Pieces arrive as the AI server sends them, not all at the end: the first
+    # is here while the server still holds back the rest.
+    assert openai_gate.writes.waiting == 1
+    openai_gate.writes.release()
+    stream = joined(first, await read_events(response))
 
     check_complete(stream, await api.messages(session_id))
     assert len(stream.deltas) >= 3
-    # Pieces arrive as the AI server sends them, not all at the end.
-    assert stream.deltas[-1].at - stream.deltas[0].at >= 0.03
 
 
 async def test_without_the_header_nothing_changes(api: Api) -> None:
@@ -115,21 +134,24 @@ async def test_a_refusal_before_the_question_is_stored_keeps_its_problem(api: Ap
 
 
 async def test_a_reader_that_leaves_does_not_stop_the_turn_and_can_resume(
-    openai_api_factory: MakeApi,
+    openai_api_factory: MakeApi, openai_gate: ServerGate
 ) -> None:
     api = await openai_api_factory()
     session_id = await api.new_session()
+    openai_gate.hold_writes_after(FIRST_PIECE_WRITES)
     response = await api.send(session_id, "A long answer please", headers=STREAM)
     partial = await read_events(response, stop_after_deltas=1)
     question_id = partial.events[0].data["user_message"]["id"]
     response.close()  # the client goes away after the first delta
 
-    resumed = await read_events(
-        await api.request(
-            "GET", f"/v1/sessions/{session_id}/messages/{question_id}/events",
-            headers={"Last-Event-ID": "1"},
-        )
+    # The turn is still running (the AI server holds the rest of its reply).
+    assert openai_gate.writes.waiting == 1
+    resuming = await api.request(
+        "GET", f"/v1/sessions/{session_id}/messages/{question_id}/events",
+        headers={"Last-Event-ID": "1"},
     )
+    openai_gate.writes.release()
+    resumed = await read_events(resuming)
 
     # Exactly what was missed: the deltas after the first, numbered as before.
     assert [d.id for d in resumed.deltas] == list(range(2, len(resumed.deltas) + 2))
@@ -189,45 +211,52 @@ async def test_an_upstream_failure_mid_stream_ends_with_turn_failed(
 
 
 async def test_keep_alive_comments_flow_while_the_reply_is_slow(
-    openai_api_factory: MakeApi, openai_state: OpenAIReferenceState
+    openai_api_factory: MakeApi, openai_gate: ServerGate
 ) -> None:
     api = await openai_api_factory(sse_keepalive=0.05)
     session_id = await api.new_session()
-    openai_state.prompt_token_delay = 0.02  # a slow prompt: nothing to send for a while
+    openai_gate.hold()  # a slow prompt: nothing to send for a while
 
-    stream = await streamed(api, session_id, "Hello")
+    response = await api.send(session_id, "Hello", headers=STREAM)
+    async with asyncio.timeout(HANG_TIMEOUT):
+        while not (line := await response.content.readline()).startswith(b":"):
+            assert line, "the stream ended without a keep-alive"
+    openai_gate.release()
+    stream = await read_events(response)
 
-    assert "keep-alive" in stream.comments
+    assert "keep-alive" in line.decode()
     assert stream.names[-1] == "turn.completed"
 
 
 async def test_an_idempotent_streaming_retry_follows_the_running_turn(
-    openai_api_factory: MakeApi, openai_state: OpenAIReferenceState
+    openai_api_factory: MakeApi, openai_state: OpenAIReferenceState, openai_gate: ServerGate
 ) -> None:
     api = await openai_api_factory()
     session_id = await api.new_session()
     headers = {**STREAM, "Idempotency-Key": "k-1"}
+    openai_gate.hold()
 
-    first, second = await asyncio.gather(
-        streamed(api, session_id, "Hello", headers=headers),
-        streamed(api, session_id, "Hello", headers=headers),
-    )
+    first = await api.send(session_id, "Hello", headers=headers)
+    await openai_gate.wait_held()  # the first turn runs
+    second = await api.send(session_id, "Hello", headers=headers)  # and is followed
+    openai_gate.release()
+    first_stream, second_stream = await asyncio.gather(read_events(first), read_events(second))
     after = await streamed(api, session_id, "Hello", headers=headers)
 
-    assert first.events[-1].data == second.events[-1].data == after.events[-1].data
-    assert first.text == second.text == after.text
+    assert first_stream.events[-1].data == second_stream.events[-1].data == after.events[-1].data
+    assert first_stream.text == second_stream.text == after.text
     assert sum(1 for r in openai_state.requests if "messages" in r) == 1
     assert len(await api.messages(session_id)) == 2
     # Without the event stream the rules of docs/api.md stay: in progress is 409.
-    running = asyncio.ensure_future(streamed(api, session_id, "Other", headers={
-        "Idempotency-Key": "k-2"
-    }))
-    await asyncio.sleep(0.05)
+    openai_gate.hold()
+    running = await api.send(session_id, "Other", headers={**STREAM, "Idempotency-Key": "k-2"})
+    await openai_gate.wait_held()
     await problem(
         await api.send(session_id, "Other", headers={"Idempotency-Key": "k-2"}),
         409, "idempotency_in_progress",
     )
-    await running
+    openai_gate.release()
+    assert (await read_events(running)).names[-1] == "turn.completed"
 
 
 async def test_streamed_turns_of_one_session_are_answered_in_order(
@@ -267,10 +296,11 @@ async def test_another_keys_events_are_not_found(api: Api) -> None:
 
 
 async def test_a_failed_turns_events_end_with_its_error(
-    api: Api, ai_state: DevServerState
+    make_flavored_api: MakeApi, reference_ai: ReferenceAI
 ) -> None:
+    api = await make_flavored_api()
     session_id = await api.new_session()
-    ai_state.fail_next.append(500)
+    reference_ai.state.fail_next.append(500)
     live = await streamed(api, session_id, "Hello")
     question_id = live.events[0].data["user_message"]["id"]
 
@@ -302,11 +332,8 @@ def test_keepalive_is_a_setting() -> None:
 async def test_stalled_readers_do_not_slow_the_turn(
     openai_api_factory: MakeApi, openai_state: OpenAIReferenceState
 ) -> None:
-    import socket
-
     api = await openai_api_factory(max_reply_bytes=2 * 1024 * 1024)
     session_id = await api.new_session()
-    openai_state.piece_delay = 0.0
     # About 1.2 MB in pieces of ~12 KB: more than a reader's socket holds.
     openai_state.reply_text = ("z" * 4000 + " ") * 300
     response = await api.send(session_id, "A big answer", headers=STREAM)
@@ -324,19 +351,16 @@ async def test_stalled_readers_do_not_slow_the_turn(
         await asyncio.get_running_loop().sock_sendall(sock, request.encode())
         stalled.append(sock)  # and never read from
     try:
-        started = asyncio.get_running_loop().time()
         # The first client leaves too; the turn must end and be stored regardless.
         response.close()
-        for _ in range(200):
-            stored = await api.messages(session_id)
-            if stored[-1]["role"] == "assistant":
-                break
-            await asyncio.sleep(0.05)
-        took = asyncio.get_running_loop().time() - started
+
+        async def answered() -> bool:
+            return bool((await api.messages(session_id))[-1]["role"] == "assistant")
+
+        await wait_until(answered, message="the turn did not end while readers stalled")
     finally:
         for sock in stalled:
             sock.close()
 
-    assert stored[-1]["role"] == "assistant", "the turn did not end while readers stalled"
+    stored = await api.messages(session_id)
     assert stored[-1]["content"] == openai_state.reply_text
-    assert took < 5.0

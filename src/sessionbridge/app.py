@@ -17,11 +17,24 @@ from .conversation import Conversations
 from .errors import StorageUnavailable
 from .metrics import Metrics
 from .readiness import ReadinessProbe, probing
+from .responses.conversations import ConversationService
+from .responses.service import Responses
 from .store import features, open_store
 from .upstream.connect import connect as connect_ai_server
 from .web import api, openapi, ops, page
-from .web.appkeys import AI_SERVER, CONVERSATIONS, METRICS, READINESS, SETTINGS, STORE
+from .web.appkeys import (
+    AI_SERVER,
+    CONVERSATION_SERVICE,
+    CONVERSATIONS,
+    METRICS,
+    READINESS,
+    RESPONSES,
+    SETTINGS,
+    STORE,
+)
 from .web.auth import auth_middleware
+from .web.openai import routes as openai_routes
+from .web.openai.routes import openai_errors
 from .web.problems import problem_middleware
 from .web.request_metrics import metrics_middleware
 
@@ -65,6 +78,16 @@ async def conversations(app: web.Application) -> AsyncIterator[None]:
     app[METRICS].locked_sessions.set_function(lambda: len(service.locks))
     app[METRICS].inflight.set_function(lambda: service.inflight)
     app[CONVERSATIONS] = service
+    settings = app[SETTINGS]
+    # The OpenAI face: the same conversations, as responses and conversations.
+    model = settings.upstream_model or "sessionbridge"
+    app[RESPONSES] = Responses(
+        app[STORE], service, model, settings.session_max_tokens_default,
+        count_response=app[METRICS].count_response,
+    )
+    app[CONVERSATION_SERVICE] = ConversationService(
+        app[STORE], service, settings.session_max_tokens_default
+    )
     yield
     # Turns still running past the shutdown grace are cut off and record it.
     await service.stop()
@@ -119,12 +142,14 @@ def slot_saving_allowed(settings: Settings) -> Settings:
 def create_app(settings: Settings) -> web.Application:
     app = web.Application(
         client_max_size=settings.max_body,
-        middlewares=[metrics_middleware, problem_middleware, auth_middleware],
+        # The OpenAI face's errors are OpenAI's error object, its token refusals too.
+        middlewares=[metrics_middleware, problem_middleware, openai_errors, auth_middleware],
     )
     app[SETTINGS] = slot_saving_allowed(settings)
     app[METRICS] = Metrics()
     app.cleanup_ctx.extend([database, ai_server, conversations, readiness, idempotency_purge])
     app.add_routes(api.routes)
+    app.add_routes(openai_routes.routes)
     app.add_routes(ops.routes)
     app.add_routes(openapi.routes)
     app.add_routes(page.routes)

@@ -8,6 +8,11 @@
     ├── NotFound                   404 not_found
     ├── MethodNotAllowed           405 method_not_allowed
     ├── NotReady                   503 not_ready (/readyz only)
+    ├── Cancelled                  the turn was cancelled (a response's status, never an answer)
+    ├── Unsupported                400 unsupported (OpenAI face): a field or item type
+    │                              the bridge does not serve (tools, images ...)
+    ├── ContextLengthExceeded      400 context_length_exceeded (OpenAI face): with
+    │                              truncation "disabled", a context that cannot fit
     ├── IdempotencyInProgress      409 idempotency_in_progress   (Retry-After)
     ├── TooLarge                   413 too_large
     ├── SessionBusy                429 session_busy              (Retry-After)
@@ -140,6 +145,29 @@ class StorageUnavailable(BridgeError):
     # Raised by the store package only, from the driver's error (``raise ... from``).
     status, code, title = 503, "storage_unavailable", "The database cannot take the write now"
     retry_after = 5
+
+
+class Unsupported(BridgeError):
+    status, code, title = 400, "unsupported", "Not supported by this server"
+
+    # ``param`` is a keyword so that ``error_from_code`` (which builds an error
+    # from a stored code and message alone) can build this one too.
+    def __init__(self, detail: str, *, param: str | None = None) -> None:
+        super().__init__(detail)
+        self.param = param
+
+
+class ContextLengthExceeded(BridgeError):
+    status, code, title = 400, "context_length_exceeded", "The context does not fit"
+
+    def __init__(self, detail: str, *, param: str | None = "input") -> None:
+        super().__init__(detail)
+        self.param = param
+
+
+class Cancelled(BridgeError):
+    # A client cancelled the turn (the OpenAI face): its response is "cancelled".
+    status, code, title = 409, "cancelled", "Cancelled"
 
 
 class UpstreamFailure(BridgeError):

@@ -37,3 +37,8 @@ def loads(raw: bytes) -> Any:
 
 def dumps(value: Any) -> bytes:
     return orjson.dumps(value)
+
+
+def dumps_sorted(value: Any) -> bytes:
+    """``value`` with its keys sorted: the same document always gives the same bytes."""
+    return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)

@@ -34,6 +34,14 @@ class Metrics:
             ["outcome"],
             registry=self.registry,
         )
+        self.responses = Counter(
+            "sessionbridge_responses",
+            "Ended responses of the OpenAI face, by status.",
+            ["status"],
+            registry=self.registry,
+        )
+        for status in ("completed", "incomplete", "failed", "cancelled"):
+            self.responses.labels(status)
         self.requests = Histogram(
             "sessionbridge_request_duration_seconds",
             "Client requests by route, method and status.",
@@ -149,6 +157,9 @@ class Metrics:
 
     def count_slot_action(self, action: str, outcome: str) -> None:
         self._child(self.slot_actions, action, outcome).inc()
+
+    def count_response(self, status: str) -> None:
+        self.responses.labels(status).inc()
 
     def count_empty_reply(self) -> None:
         self.empty_replies.inc()

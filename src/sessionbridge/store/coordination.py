@@ -10,6 +10,7 @@ are the whole story.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from typing import Protocol
 
@@ -50,6 +51,14 @@ class Coordination(Protocol):
         """Events after the first ``after`` of a turn running on another bridge, as far as known."""
         ...
 
+    def on_cancel(self, cancel_here: Callable[[int], bool]) -> None:
+        """How this bridge cuts off a turn running here, by its question's pk."""
+        ...
+
+    async def request_cancel(self, question_pk: int) -> None:
+        """Ask whichever bridge runs the turn to cut it off."""
+        ...
+
 
 class _OneProcessLease:
     """One bridge on the database: its own session lock is the whole lease.
@@ -85,3 +94,9 @@ class LocalCoordination:
 
     async def relayed_events(self, question_pk: int, after: int) -> list[TurnEvent]:
         return []
+
+    def on_cancel(self, cancel_here: Callable[[int], bool]) -> None:
+        return None
+
+    async def request_cancel(self, question_pk: int) -> None:
+        return None

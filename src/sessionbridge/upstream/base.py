@@ -14,7 +14,7 @@ must load without one (``http.py`` holds what the adapters share on the wire).
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -47,6 +47,8 @@ class Reply:
     text: str
     kind: AISessionKind
     usage: Usage | None = None
+    # The reply was cut by its token limit (max_tokens), not ended by the model.
+    truncated: bool = False
 
 
 # Receives each piece of a reply as it arrives (streaming); None: nobody listens.
@@ -70,6 +72,10 @@ class TurnContext(Protocol):
     session: ChatSession
     content: str
     max_tokens: int
+    # Sampling settings a client asked for (temperature, top_p), for servers that take them.
+    sampling: Mapping[str, float]
+    # Whether the oldest turns may be dropped to fit the context (else: ContextLengthExceeded).
+    trim: bool
     affinity_key: str
 
     @property

@@ -91,6 +91,8 @@ class ReplicaTurn:
         self.session: ChatSession = outer.session
         self.content = outer.content
         self.max_tokens = outer.max_tokens
+        self.sampling = outer.sampling
+        self.trim = outer.trim
         self.affinity_key = outer.affinity_key
 
     @property

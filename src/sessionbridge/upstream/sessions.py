@@ -1,4 +1,4 @@
-"""The seed protocol (docs/ai-servers.md): an AI server keeping conversations in its own sessions.
+"""The seed protocol (docs/ai-servers.md): an AI server that keeps conversations in sessions.
 
 Both generations speak it: ``scenario`` (``POST /scenario``, the id arrives in
 a cookie) and ``init-session`` (the bridge names the session). A conversation
@@ -53,7 +53,9 @@ def recovery_scenario(scenario: str, transcript: list[TranscriptTurn]) -> str:
     """The scenario of a recovered AI session: the original one, then the recent turns."""
     if not transcript:
         return scenario
-    lines = [scenario, "", "The conversation so far (oldest first):"]
+    # A response without instructions has no scenario: the transcript alone.
+    lines = [scenario, ""] if scenario else []
+    lines.append("The conversation so far (oldest first):")
     for turn in transcript:
         lines.append(f"User: {turn.user}")
         lines.append(f"Assistant: {turn.assistant}")
@@ -131,15 +133,22 @@ class SessionServerClient:
         session = turn.session
         kind: AISessionKind = "reused"
         ai_session_id = turn.state
+        just_created = ai_session_id is None
         if ai_session_id is None:
-            kind = "created"
-            ai_session_id = await self.create_session(session.scenario, session.id)
+            # A conversation with no AI session yet may still have a history:
+            # a branch of a chain of responses, items a client gave, or a new
+            # scenario. Its AI session then starts from that history.
+            history = await turn.history()
+            kind = "recovered" if history else "created"
+            ai_session_id = await self.create_session(
+                self._scenario_with(session.scenario, history), session.id
+            )
             # Stored at once: even if this /chat fails, the next turn reuses it.
             await turn.save_state(ai_session_id)
         try:
             text = await self.chat(ai_session_id, turn.content, turn.max_tokens, session.id)
         except SessionLost:
-            if kind == "created":
+            if just_created:
                 raise UpstreamError("the AI server lost a session it had just created") from None
             # The AI server restarted or evicted the session: one new session
             # that carries the scenario and the recent transcript, then the message.
@@ -166,10 +175,7 @@ class SessionServerClient:
         session = turn.session
         if history is None:
             history = await turn.history()
-        transcript = recent_transcript(
-            [TranscriptTurn(t.user, t.assistant) for t in history], self._recovery_budget
-        )
-        scenario = recovery_scenario(session.scenario, transcript)
+        scenario = self._scenario_with(session.scenario, history)
         ai_session_id = await self.create_session(scenario, session.id)
         await turn.save_state(ai_session_id)
         try:
@@ -184,6 +190,13 @@ class SessionServerClient:
         if on_delta is not None and text:
             await on_delta(text)
         return Reply(text, kind)
+
+    def _scenario_with(self, scenario: str, history: list[HistoryTurn]) -> str:
+        """The scenario followed by the recent transcript, within the recovery budget."""
+        transcript = recent_transcript(
+            [TranscriptTurn(t.user, t.assistant) for t in history], self._recovery_budget
+        )
+        return recovery_scenario(scenario, transcript)
 
     # -- the calls ---------------------------------------------------------------------
 

@@ -9,6 +9,8 @@ from ..conversation import Conversations
 from ..metrics import Metrics
 from ..readiness import ReadinessProbe
 from ..records import ApiKey
+from ..responses.conversations import ConversationService
+from ..responses.service import Responses
 from ..store import Store
 from ..upstream import AIServer
 
@@ -18,5 +20,7 @@ STORE = web.AppKey("store", Store)
 AI_SERVER = web.AppKey("ai_server", AIServer)
 CONVERSATIONS = web.AppKey("conversations", Conversations)
 READINESS = web.AppKey("readiness", ReadinessProbe)
+RESPONSES = web.AppKey("responses", Responses)
+CONVERSATION_SERVICE = web.AppKey("conversation_service", ConversationService)
 
 API_KEY = web.RequestKey("api_key", ApiKey)

@@ -26,7 +26,7 @@ import asyncio
 import logging
 import resource
 import time
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import web
 
@@ -142,8 +142,9 @@ class _GuardedConnection(asyncio.Protocol):
         self._tail = b""  # the last bytes seen while waiting for the head's end
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # A stream socket's transport; uvloop's implement asyncio.Transport
+        # without subclassing it, so this is a cast, not a check.
+        self._transport = transport = cast(asyncio.Transport, transport)
         if not self._guard.admit():
             transport.write(REFUSAL)
             transport.close()  # the write buffer is empty: the socket closes at once

@@ -42,7 +42,7 @@ def problem_response(error: BridgeError) -> web.Response:
     )
 
 
-def _from_http_exception(exc: web.HTTPException) -> BridgeError:
+def from_http_exception(exc: web.HTTPException) -> BridgeError:
     if exc.status == 404:
         return NotFound("no such resource")
     if exc.status == 405:
@@ -66,7 +66,7 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        response = problem_response(_from_http_exception(exc))
+        response = problem_response(from_http_exception(exc))
         if exc.status == 405:
             response.headers["Allow"] = exc.headers.get("Allow", "")
         return response

@@ -24,7 +24,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import asyncpg
 
@@ -51,6 +51,8 @@ RING_AGAIN = 1.0
 # as they poll for the turn's end (turn_events.POLL_INTERVAL).
 FREED = "sessionbridge_freed"
 WATCH = "sessionbridge_watch"
+# A client asked to cancel a turn (payload: its question's pk), wherever it runs.
+CANCEL = "sessionbridge_cancel"
 
 
 class PostgresCoordination(PoolQueries):
@@ -76,6 +78,8 @@ class PostgresCoordination(PoolQueries):
         self._rung: dict[int, float] = {}
         self._listener: asyncpg.Connection | None = None
         self._heartbeat: asyncio.Task[None] | None = None
+        # Cuts off a turn running here, by its question's pk (the conversation rules').
+        self._cancel_here: Callable[[int], bool] = lambda question_pk: False
 
     async def start(self) -> None:
         """Count as a bridge on the database: say it is alive, listen, keep saying it."""
@@ -122,6 +126,7 @@ class PostgresCoordination(PoolQueries):
         try:
             await listener.add_listener(FREED, self._on_freed)
             await listener.add_listener(WATCH, self._on_watch)
+            await listener.add_listener(CANCEL, self._on_cancel)
         except BaseException:
             await listener.close()
             raise
@@ -269,6 +274,18 @@ class PostgresCoordination(PoolQueries):
 
     def end_relay(self, question_pk: int) -> None:
         self._offered.pop(question_pk, None)
+
+    # -- cancelling a turn that runs on another bridge -------------------------------------
+
+    def on_cancel(self, cancel_here: Callable[[int], bool]) -> None:
+        self._cancel_here = cancel_here
+
+    async def request_cancel(self, question_pk: int) -> None:
+        await self._execute(f"SELECT pg_notify('{CANCEL}', $1::text)", str(question_pk))
+
+    def _on_cancel(self, _connection: object, _pid: int, _channel: str, payload: object) -> None:
+        with contextlib.suppress(ValueError):
+            self._cancel_here(int(str(payload)))
 
     def _on_watch(self, _connection: object, _pid: int, _channel: str, payload: object) -> None:
         try:

@@ -13,11 +13,14 @@ default): an acknowledged answer survives the bridge and the server.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 import asyncpg
+from asyncpg.pool import PoolConnectionProxy
 
 from ...config import Settings
 from ...errors import IdempotencyInProgress, StorageUnavailable
@@ -25,13 +28,19 @@ from ...records import (
     AISessionKind,
     ApiKey,
     ChatSession,
+    ContextMessage,
     HistoryTurn,
     IdempotencyRecord,
     IdempotencyStart,
     Message,
+    MessageStatus,
+    ResponseRow,
+    Role,
+    SessionKind,
     Usage,
 )
 from ..base import DuplicateKeyName, Features, SessionGone
+from ..history import group_turns
 from ..ids import time_ordered_id
 from ..keycache import KeyCache
 from . import queries as q
@@ -39,6 +48,20 @@ from .coordination import TURN_LEASE, PostgresCoordination
 from .pool import CLOSE_TIMEOUT, POOL_SIZE, PoolQueries, create_pool
 
 log = logging.getLogger(__name__)
+
+
+def _draft(role: Role, content: str, status: MessageStatus) -> Message:
+    """A message to store (its pk, seq and time are placeholders until it is)."""
+    return Message(0, time_ordered_id(), 0, role, content, status, "")
+
+
+def _stored(drafts: Sequence[Message], rows: Sequence[asyncpg.Record]) -> list[Message]:
+    """``drafts`` as stored by ``insert_messages``, whose rows (pk, seq, time) follow seq order."""
+    ordered = sorted(rows, key=lambda row: int(row[1]))
+    return [
+        dataclasses.replace(draft, pk=pk, seq=seq, created_at=created_at)
+        for draft, (pk, seq, created_at) in zip(drafts, ordered, strict=True)
+    ]
 
 
 class PostgresStore(PoolQueries):
@@ -150,18 +173,45 @@ class PostgresStore(PoolQueries):
     # -- chat sessions ------------------------------------------------------
 
     async def create_session(
-        self, api_key_id: int, title: str | None, scenario: str, max_tokens: int
+        self,
+        api_key_id: int,
+        title: str | None,
+        scenario: str,
+        max_tokens: int,
+        *,
+        session_id: str | None = None,
+        kind: SessionKind = "session",
+        metadata: str | None = None,
+        items: Sequence[ContextMessage] = (),
     ) -> ChatSession:
-        session_id = str(uuid.uuid4())
+        """A new session with ``items`` as its first (answered) messages: one statement."""
+        arrays = q.message_arrays([_draft(item.role, item.content, "answered") for item in items])
+        return await self._new_session(
+            api_key_id, str(uuid.uuid4()) if session_id is None else session_id, title,
+            scenario, max_tokens, kind, metadata, arrays,
+        )
+
+    async def _new_session(
+        self,
+        api_key_id: int,
+        session_id: str,
+        title: str | None,
+        scenario: str,
+        max_tokens: int,
+        kind: SessionKind,
+        metadata: str | None,
+        arrays: list[list[Any]],
+    ) -> ChatSession:
+        count = len(arrays[0])
         row = await self._fetchrow(
-            "INSERT INTO chat_sessions (id, api_key_id, title, scenario, max_tokens)"
-            f" VALUES ($1, $2, $3, $4, $5) RETURNING pk, {q.ts('created_at')}",
-            session_id, api_key_id, title, scenario, max_tokens,
+            q.CREATE_SESSION,
+            session_id, api_key_id, title, scenario, max_tokens, kind, metadata, count, *arrays,
         )
         assert row is not None
         pk, now = row
         return ChatSession(
-            pk, session_id, api_key_id, title, scenario, max_tokens, None, 0, now, now
+            pk, session_id, api_key_id, title, scenario, max_tokens, None, count, now, now,
+            kind, metadata,
         )
 
     async def get_session(self, api_key_id: int, session_id: str) -> ChatSession | None:
@@ -187,6 +237,81 @@ class PostgresStore(PoolQueries):
             session_id, api_key_id,
         )
         return bool(rows)
+
+    async def set_metadata(self, session_pk: int, metadata: str) -> None:
+        await self._execute(
+            "UPDATE chat_sessions SET metadata = $2, updated_at = now() WHERE pk = $1",
+            session_pk, metadata,
+        )
+
+    async def set_scenario(self, session_pk: int, scenario: str) -> None:
+        # The AI session was made with the old scenario: let go of it. Like
+        # set_ai_session, only while this store's lease (if any) is the session's.
+        await self._execute(
+            "UPDATE chat_sessions SET scenario = $2, ai_session_id = NULL"
+            " WHERE pk = $1 AND ($3::bigint IS NULL OR turn_ticket = $3)",
+            session_pk, scenario, self._held(session_pk),
+        )
+
+    async def fork_session(
+        self, source: ChatSession, upto_seq: int, scenario: str, max_tokens: int
+    ) -> ChatSession:
+        """A new chain session with copies of ``source``'s answered messages up to ``upto_seq``.
+
+        The copies' columns are passed on as read (no round trip through
+        ``Usage``), so a copy is the same bytes and numbers as its original.
+        """
+        rows = await self._fetch(
+            "SELECT role, content, ai_session, prompt_tokens, cached_tokens, completion_tokens,"
+            " piece_ends FROM messages"
+            " WHERE session_pk = $1 AND seq <= $2 AND status = 'answered' ORDER BY seq",
+            source.pk, upto_seq,
+        )
+        role, content, ai_session, prompt, cached, completion, piece_ends = (
+            [row[column] for row in rows] for column in range(7)
+        )
+        arrays = [
+            [time_ordered_id() for _ in rows], role, content, ["answered"] * len(rows),
+            ai_session, prompt, cached, completion, piece_ends,
+        ]
+        return await self._new_session(
+            source.api_key_id, str(uuid.uuid4()), None, scenario, max_tokens, "chain", None,
+            arrays,
+        )
+
+    async def add_items(
+        self, session_pk: int, items: Sequence[ContextMessage]
+    ) -> list[Message]:
+        """Append ``items`` as answered messages: one statement, under the lease if held."""
+        if not items:
+            return []
+        drafts = [_draft(item.role, item.content, "answered") for item in items]
+        rows = await self._fetch(
+            q.STORE_MESSAGES, session_pk, len(drafts), self._held(session_pk),
+            *q.message_arrays(drafts),
+        )
+        if not rows:
+            await self._not_stored(session_pk, None)
+        return _stored(drafts, rows)
+
+    async def delete_message(self, session_pk: int, message_id: str) -> bool:
+        """Delete the message; the session counts one message fewer (its last seq stays)."""
+        count = await self._fetchval(
+            "WITH gone AS (DELETE FROM messages WHERE session_pk = $1 AND id = $2 RETURNING pk),"
+            " counted AS (UPDATE chat_sessions SET message_count = message_count - 1"
+            "             FROM gone WHERE chat_sessions.pk = $1)"
+            " SELECT count(*) FROM gone",
+            session_pk, message_id,
+        )
+        return bool(count)
+
+    async def answered_since(self, session_pk: int, from_seq: int) -> list[Message]:
+        rows = await self._fetch(
+            f"SELECT {q.MESSAGE_COLUMNS} FROM messages"
+            " WHERE session_pk = $1 AND seq >= $2 AND status = 'answered' ORDER BY seq",
+            session_pk, from_seq,
+        )
+        return [q.message(row) for row in rows]
 
     # -- messages ---------------------------------------------------------------
 
@@ -223,19 +348,17 @@ class PostgresStore(PoolQueries):
         return None if row is None else q.message(row)
 
     async def history(self, session_pk: int, from_seq: int = 0) -> list[HistoryTurn]:
-        """The answered turns whose question is at ``from_seq`` or later, oldest first."""
+        """The answered turns whose first message is at ``from_seq`` or later, oldest first."""
         rows = await self._fetch(
-            "SELECT q.seq, q.content, a.content, a.prompt_tokens, a.cached_tokens,"
-            " a.completion_tokens FROM messages AS q"
-            " JOIN messages AS a ON a.session_pk = q.session_pk AND a.seq = q.seq + 1"
-            " WHERE q.session_pk = $1 AND q.seq >= $2 AND q.role = 'user'"
-            " AND q.status = 'answered' AND a.role = 'assistant' ORDER BY q.seq",
+            "SELECT seq, role, content, prompt_tokens, cached_tokens, completion_tokens"
+            " FROM messages WHERE session_pk = $1 AND seq >= $2 AND status = 'answered'"
+            " ORDER BY seq",
             session_pk, from_seq,
         )
-        return [
-            HistoryTurn(seq, user, assistant, q.usage(prompt, cached, completion))
-            for seq, user, assistant, prompt, cached, completion in rows
-        ]
+        return group_turns(
+            (seq, role, content, q.usage(prompt, cached, completion))
+            for seq, role, content, prompt, cached, completion in rows
+        )
 
     # -- turns ----------------------------------------------------------------------
 
@@ -246,10 +369,18 @@ class PostgresStore(PoolQueries):
         *,
         retry_message_pk: int | None = None,
         idempotency: IdempotencyStart | None = None,
+        context: Sequence[ContextMessage] = (),
+        response_pk: int | None = None,
     ) -> Message:
-        """Store the user message as pending (or take a failed one up again)."""
-        if retry_message_pk is not None:
-            return await self._retake(session_pk, retry_message_pk, idempotency)
+        """Store the user message as pending (or take a failed one up again).
+
+        A new question alone is one statement; with context before it, a
+        response to link or a failed question taken up again, one transaction.
+        """
+        if retry_message_pk is not None or context or response_pk is not None:
+            return await self._begin_in_transaction(
+                session_pk, content, retry_message_pk, idempotency, context, response_pk
+            )
         message_id = time_ordered_id()
         args: list[Any] = [
             session_pk, message_id, "user", content, "pending", None, None, None, None, None,
@@ -270,57 +401,94 @@ class PostgresStore(PoolQueries):
         pk, seq, created_at = row
         return Message(pk, message_id, seq, "user", content, "pending", created_at)
 
-    async def _retake(
-        self, session_pk: int, message_pk: int, idempotency: IdempotencyStart | None
+    async def _begin_in_transaction(
+        self,
+        session_pk: int,
+        content: str,
+        retry_message_pk: int | None,
+        idempotency: IdempotencyStart | None,
+        context: Sequence[ContextMessage],
+        response_pk: int | None,
     ) -> Message:
-        # A retried question keeps its row; it moves to the end of the
-        # conversation when other messages came after it, so that its answer
-        # is stored right after it (a question and its answer are consecutive).
+        """``begin_turn`` as one transaction holding the session row.
+
+        The context messages (answered) come first, then the question: a new
+        one, or a failed one taken up again (``retry_message_pk``). The
+        idempotency record and the response's link to its question are
+        written in the same transaction, so none of it is stored without the rest.
+        """
+        drafts = [_draft(item.role, item.content, "answered") for item in context]
+        if retry_message_pk is None:
+            drafts.append(_draft("user", content, "pending"))
+        ticket = self._held(session_pk)
         async with self._transaction() as connection:
             held = await connection.fetchrow(
                 "SELECT last_seq, turn_ticket FROM chat_sessions WHERE pk = $1 FOR UPDATE",
                 session_pk,
             )
-            last_seq = None if held is None else held[0]
-            ticket = self._held(session_pk)
-            if held is not None and ticket is not None and held[1] != ticket:
-                raise StorageUnavailable("this bridge lost its lease on the session")
-            if idempotency is not None:
-                state = await connection.fetchval(
-                    "SELECT state FROM idempotency_keys WHERE api_key_id = $1 AND key = $2"
-                    " FOR UPDATE",
-                    idempotency.api_key_id, idempotency.key,
-                )
-                if state is not None and state != "failed":
-                    raise IdempotencyInProgress(
-                        "the request with this Idempotency-Key was already made"
-                    )
-            row = None
-            if last_seq is not None:
-                row = await connection.fetchrow(
-                    "UPDATE messages SET status = 'pending', error_code = NULL,"
-                    " seq = CASE WHEN seq = $3 THEN seq ELSE $3 + 1 END"
-                    f" WHERE pk = $1 AND session_pk = $2 RETURNING {q.MESSAGE_COLUMNS}",
-                    message_pk, session_pk, last_seq,
-                )
-            if row is None:
+            if held is None:
                 raise SessionGone(f"chat session {session_pk} is gone")
-            message = q.message(row)
-            await connection.execute(
-                "UPDATE chat_sessions SET last_seq = GREATEST(last_seq, $2), updated_at = now()"
-                " WHERE pk = $1",
-                session_pk, message.seq,
-            )
+            if ticket is not None and held[1] != ticket:
+                raise StorageUnavailable("this bridge lost its lease on the session")
+            last_seq = int(held[0])
+            stored: list[Message] = []
+            if drafts:
+                rows = await connection.fetch(
+                    q.STORE_MESSAGES, session_pk, len(drafts), None, *q.message_arrays(drafts)
+                )
+                stored = _stored(drafts, rows)
+                last_seq += len(drafts)
+            if retry_message_pk is None:
+                question = stored[-1]
+            else:
+                question = await self._retake(connection, session_pk, retry_message_pk, last_seq)
             if idempotency is not None:
-                await connection.execute(
+                # Taken only if no other request holds the key: a concurrent
+                # insert of the same key is waited for, then seen.
+                recorded = await connection.fetchval(
                     "INSERT INTO idempotency_keys (api_key_id, key, fingerprint, session_pk,"
                     " user_message_pk, state, created_at)"
                     " VALUES ($1, $2, $3, $4, $5, 'in_progress', to_timestamp($6))"
                     " ON CONFLICT (api_key_id, key) DO UPDATE SET state = 'in_progress',"
-                    " user_message_pk = excluded.user_message_pk",
+                    " user_message_pk = excluded.user_message_pk"
+                    " WHERE idempotency_keys.state = 'failed' RETURNING true",
                     idempotency.api_key_id, idempotency.key, idempotency.fingerprint,
-                    session_pk, message.pk, idempotency.created_at,
+                    session_pk, question.pk, idempotency.created_at,
                 )
+                if recorded is None:
+                    raise IdempotencyInProgress(
+                        "the request with this Idempotency-Key was already made"
+                    )
+            if response_pk is not None:
+                await connection.execute(
+                    "UPDATE responses SET question_pk = $2 WHERE pk = $1", response_pk, question.pk
+                )
+        return question
+
+    @staticmethod
+    async def _retake(
+        connection: PoolConnectionProxy[asyncpg.Record],
+        session_pk: int,
+        message_pk: int,
+        last_seq: int,
+    ) -> Message:
+        # A retried question keeps its row; it moves to the end of the
+        # conversation when other messages came after it, so that its answer
+        # is stored right after it (a question and its answer are consecutive).
+        row = await connection.fetchrow(
+            "UPDATE messages SET status = 'pending', error_code = NULL,"
+            " seq = CASE WHEN seq = $3 THEN seq ELSE $3 + 1 END"
+            f" WHERE pk = $1 AND session_pk = $2 RETURNING {q.MESSAGE_COLUMNS}",
+            message_pk, session_pk, last_seq,
+        )
+        if row is None:
+            raise SessionGone(f"chat session {session_pk} is gone")
+        message = q.message(row)
+        await connection.execute(
+            "UPDATE chat_sessions SET last_seq = GREATEST(last_seq, $2), updated_at = now()"
+            " WHERE pk = $1",
+            session_pk, message.seq,
+        )
         return message
 
     async def _not_stored(self, session_pk: int, idempotency: IdempotencyStart | None) -> None:
@@ -354,8 +522,12 @@ class PostgresStore(PoolQueries):
         idempotency: IdempotencyStart | None = None,
         usage: Usage | None = None,
         piece_ends: str | None = None,
+        truncated: bool = False,
     ) -> Message:
-        """Store the answer; the same statement marks its question answered."""
+        """Store the answer; the same statement marks its question answered.
+
+        ``truncated``: the same statement marks the question's response incomplete.
+        """
         message_id = time_ordered_id()
         args: list[Any] = [
             session_pk, message_id, "assistant", reply, "answered", kind,
@@ -369,6 +541,9 @@ class PostgresStore(PoolQueries):
         if idempotency is not None:
             sql += q.IDEMPOTENCY_SUCCEEDED
             args += [idempotency.api_key_id, idempotency.key]
+        if truncated:
+            args.append(user_message_pk)
+            sql += q.RESPONSE_INCOMPLETE.format(question=len(args))
         row = await self._fetchrow(sql + q.STORED, *args)
         if row is None:
             await self._not_stored(session_pk, None)
@@ -385,20 +560,73 @@ class PostgresStore(PoolQueries):
         user_message_pk: int,
         idempotency: IdempotencyStart | None = None,
         error_code: str | None = None,
+        context_count: int = 0,
     ) -> None:
-        if idempotency is None:
-            await self._execute(
-                "UPDATE messages SET status = 'failed', error_code = $2"
-                " WHERE pk = $1 AND status = 'pending'",
-                user_message_pk, error_code,
-            )
-            return
-        await self._execute(
+        """Fail the pending question and the ``context_count`` messages just before it."""
+        sql = (
             "WITH failed AS (UPDATE messages SET status = 'failed', error_code = $2"
-            " WHERE pk = $1 AND status = 'pending')"
-            " UPDATE idempotency_keys SET state = 'failed' WHERE api_key_id = $3 AND key = $4",
-            user_message_pk, error_code, idempotency.api_key_id, idempotency.key,
+            " WHERE pk = $1 AND status = 'pending' RETURNING session_pk, seq)"
         )
+        args: list[Any] = [user_message_pk, error_code]
+        if context_count:
+            # The context the question brought goes with it.
+            args.append(context_count)
+            sql += (
+                ", context AS (UPDATE messages AS m SET status = 'failed' FROM failed"
+                " WHERE m.session_pk = failed.session_pk"
+                " AND m.seq >= failed.seq - $3::integer AND m.seq < failed.seq)"
+            )
+        if idempotency is None:
+            sql += " SELECT count(*) FROM failed"
+        else:
+            args += [idempotency.api_key_id, idempotency.key]
+            sql += (
+                " UPDATE idempotency_keys SET state = 'failed'"
+                f" WHERE api_key_id = ${len(args) - 1} AND key = ${len(args)}"
+            )
+        await self._execute(sql, *args)
+
+    # -- responses of the OpenAI face ------------------------------------------------------
+
+    async def create_response(self, row: ResponseRow) -> ResponseRow:
+        pk = await self._fetchval(
+            "INSERT INTO responses (id, api_key_id, session_pk, created_at, model,"
+            " output_message_id, body, continued, incomplete)"
+            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING pk",
+            row.id, row.api_key_id, row.session_pk, row.created_at, row.model,
+            row.output_message_id, row.body, row.continued, row.incomplete,
+        )
+        return dataclasses.replace(row, pk=int(pk))
+
+    async def get_response(self, api_key_id: int, response_id: str) -> ResponseRow | None:
+        """The response with its question and answer as they are now: one statement."""
+        row = await self._fetchrow(
+            q.SELECT_RESPONSE + " WHERE r.id = $1 AND r.api_key_id = $2", response_id, api_key_id
+        )
+        return None if row is None else q.response(row)
+
+    async def response_for_question(self, question_pk: int) -> ResponseRow | None:
+        row = await self._fetchrow(
+            q.SELECT_RESPONSE + " WHERE r.question_pk = $1 ORDER BY r.pk LIMIT 1", question_pk
+        )
+        return None if row is None else q.response(row)
+
+    async def delete_response(self, api_key_id: int, response_id: str) -> bool:
+        rows = await self._fetch(
+            "DELETE FROM responses WHERE id = $1 AND api_key_id = $2 RETURNING pk",
+            response_id, api_key_id,
+        )
+        return bool(rows)
+
+    async def claim_continuation(self, response_pk: int) -> bool:
+        rows = await self._fetch(
+            "UPDATE responses SET continued = true WHERE pk = $1 AND NOT continued RETURNING pk",
+            response_pk,
+        )
+        return bool(rows)
+
+    async def release_continuation(self, response_pk: int) -> None:
+        await self._execute("UPDATE responses SET continued = false WHERE pk = $1", response_pk)
 
     # -- idempotency and crash recovery --------------------------------------------------
 

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import sqlite3
 import time
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 import aiosqlite
@@ -27,17 +29,21 @@ from ...records import (
     AISessionKind,
     ApiKey,
     ChatSession,
+    ContextMessage,
     HistoryTurn,
     IdempotencyRecord,
     IdempotencyStart,
     Message,
     MessageStatus,
+    ResponseRow,
     Role,
+    SessionKind,
     Usage,
     utc_now,
 )
 from ..base import DuplicateKeyName, Features, SessionGone
 from ..coordination import LocalCoordination
+from ..history import group_turns
 from ..ids import time_ordered_id
 from ..keycache import KeyCache
 from .faults import MappedReader
@@ -48,7 +54,11 @@ log = logging.getLogger(__name__)
 
 _SESSION_COLUMNS = (
     "pk, id, api_key_id, title, scenario, max_tokens, ai_session_id,"
-    " message_count, created_at, updated_at"
+    " message_count, created_at, updated_at, kind, metadata"
+)
+_RESPONSE_COLUMNS = (
+    "pk, id, api_key_id, session_pk, created_at, model, output_message_id, body,"
+    " continued, incomplete"
 )
 _MESSAGE_COLUMNS = (
     "pk, id, seq, role, content, status, created_at, ai_session,"
@@ -157,6 +167,8 @@ class SqliteStore:
         # the event loop a wake-up and a turn of the GIL, the largest single
         # cost of a turn under load (keycache.py says what is trusted how long).
         self._keys = KeyCache(key_cache_seconds)
+        # Sessions whose last turn could not write its failure (a full disk).
+        self._unsettled: set[int] = set()
         self._checkpoints = asyncio.create_task(self._checkpoint_forever(), name="wal-checkpoint")
 
     @classmethod
@@ -287,18 +299,36 @@ class SqliteStore:
     # -- chat sessions ------------------------------------------------------
 
     async def create_session(
-        self, api_key_id: int, title: str | None, scenario: str, max_tokens: int
+        self,
+        api_key_id: int,
+        title: str | None,
+        scenario: str,
+        max_tokens: int,
+        *,
+        session_id: str | None = None,
+        kind: SessionKind = "session",
+        metadata: str | None = None,
+        items: Sequence[ContextMessage] = (),
     ) -> ChatSession:
-        session_id = str(uuid.uuid4())
+        session_id = session_id or str(uuid.uuid4())
         now = utc_now()
-        rows = await self._write(
-            "INSERT INTO chat_sessions (id, api_key_id, title, scenario, max_tokens,"
-            " created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING pk",
-            (session_id, api_key_id, title, scenario, max_tokens, now, now),
-        )
-        pk = rows[0][0]
+        drafts = [self._draft(item.role, item.content, "answered") for item in items]
+
+        def write(db: sqlite3.Connection) -> int:
+            pk = db.execute(
+                "INSERT INTO chat_sessions (id, api_key_id, title, scenario, max_tokens,"
+                " created_at, updated_at, kind, metadata) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " RETURNING pk",
+                (session_id, api_key_id, title, scenario, max_tokens, now, now, kind, metadata),
+            ).fetchone()[0]
+            for draft in drafts:
+                self._insert_message(db, pk, draft)
+            return int(pk)
+
+        pk = await self._writer.run(write)
         return ChatSession(
-            pk, session_id, api_key_id, title, scenario, max_tokens, None, 0, now, now
+            pk, session_id, api_key_id, title, scenario, max_tokens, None, len(drafts), now, now,
+            kind, metadata,
         )
 
     async def get_session(self, api_key_id: int, session_id: str) -> ChatSession | None:
@@ -324,6 +354,86 @@ class SqliteStore:
             (session_id, api_key_id),
         )
         return bool(rows)
+
+    async def set_metadata(self, session_pk: int, metadata: str) -> None:
+        await self._write(
+            "UPDATE chat_sessions SET metadata = ?, updated_at = ? WHERE pk = ?",
+            (metadata, utc_now(), session_pk),
+        )
+
+    async def set_scenario(self, session_pk: int, scenario: str) -> None:
+        await self._write(
+            "UPDATE chat_sessions SET scenario = ?, ai_session_id = NULL WHERE pk = ?",
+            (scenario, session_pk),
+        )
+
+    async def fork_session(
+        self, source: ChatSession, upto_seq: int, scenario: str, max_tokens: int
+    ) -> ChatSession:
+        session_id = str(uuid.uuid4())
+        now = utc_now()
+
+        def write(db: sqlite3.Connection) -> int:
+            rows = db.execute(
+                f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE session_pk = ? AND seq <= ?"
+                " AND status = 'answered' ORDER BY seq",
+                (source.pk, upto_seq),
+            ).fetchall()
+            pk = db.execute(
+                "INSERT INTO chat_sessions (id, api_key_id, title, scenario, max_tokens,"
+                " created_at, updated_at, kind) VALUES (?, ?, NULL, ?, ?, ?, ?, 'chain')"
+                " RETURNING pk",
+                (session_id, source.api_key_id, scenario, max_tokens, now, now),
+            ).fetchone()[0]
+            for row in rows:
+                copy = _message(row)
+                # A copy is a new row with the same text, role and usage.
+                self._insert_message(db, pk, self._draft(
+                    copy.role, copy.content, "answered", copy.ai_session, copy.usage,
+                    copy.piece_ends,
+                ))
+            return int(pk)
+
+        pk = await self._writer.run(write)
+        session = await self._fetchone(
+            f"SELECT {_SESSION_COLUMNS} FROM chat_sessions WHERE pk = ?", (pk,)
+        )
+        assert session is not None
+        return _session(session)
+
+    async def add_items(
+        self, session_pk: int, items: Sequence[ContextMessage]
+    ) -> list[Message]:
+        drafts = [self._draft(item.role, item.content, "answered") for item in items]
+
+        def write(db: sqlite3.Connection) -> list[Message]:
+            return [self._insert_message(db, session_pk, draft) for draft in drafts]
+
+        return await self._writer.run(write)
+
+    async def delete_message(self, session_pk: int, message_id: str) -> bool:
+        def write(db: sqlite3.Connection) -> bool:
+            gone = db.execute(
+                "DELETE FROM messages WHERE session_pk = ? AND id = ? RETURNING pk",
+                (session_pk, message_id),
+            ).fetchone()
+            if gone is None:
+                return False
+            db.execute(
+                "UPDATE chat_sessions SET message_count = message_count - 1 WHERE pk = ?",
+                (session_pk,),
+            )
+            return True
+
+        return await self._writer.run(write)
+
+    async def answered_since(self, session_pk: int, from_seq: int) -> list[Message]:
+        rows = await self._reader.execute_fetchall(
+            f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE session_pk = ? AND seq >= ?"
+            " AND status = 'answered' ORDER BY seq",
+            (session_pk, from_seq),
+        )
+        return [_message(row) for row in rows]
 
     # -- messages ---------------------------------------------------------------
 
@@ -360,19 +470,17 @@ class SqliteStore:
         return None if row is None else _message(row)
 
     async def history(self, session_pk: int, from_seq: int = 0) -> list[HistoryTurn]:
-        """The answered turns whose question is at ``from_seq`` or later, oldest first."""
+        """The answered turns whose first message is at ``from_seq`` or later, oldest first."""
         rows = await self._reader.execute_fetchall(
-            "SELECT q.seq, q.content, a.content, a.prompt_tokens, a.cached_tokens,"
-            " a.completion_tokens FROM messages AS q"
-            " JOIN messages AS a ON a.session_pk = q.session_pk AND a.seq = q.seq + 1"
-            " WHERE q.session_pk = ? AND q.seq >= ? AND q.role = 'user'"
-            " AND q.status = 'answered' AND a.role = 'assistant' ORDER BY q.seq",
+            "SELECT seq, role, content, prompt_tokens, cached_tokens, completion_tokens"
+            " FROM messages WHERE session_pk = ? AND seq >= ? AND status = 'answered'"
+            " ORDER BY seq",
             (session_pk, from_seq),
         )
-        return [
-            HistoryTurn(seq, user, assistant, _usage(prompt, cached, completion))
-            for seq, user, assistant, prompt, cached, completion in rows
-        ]
+        return group_turns(
+            (seq, role, content, _usage(prompt, cached, completion))
+            for seq, role, content, prompt, cached, completion in rows
+        )
 
     # -- turns ----------------------------------------------------------------------
     #
@@ -484,24 +592,40 @@ class SqliteStore:
         *,
         retry_message_pk: int | None = None,
         idempotency: IdempotencyStart | None = None,
+        context: Sequence[ContextMessage] = (),
+        response_pk: int | None = None,
     ) -> Message:
         """Store the user message as pending (or take a failed one up again)."""
 
         draft = self._draft("user", content, "pending")
+        before = [self._draft(item.role, item.content, "answered") for item in context]
+
+        # Only a session whose last turn could not record its failure needs
+        # the look for a leftover pending question: not every turn's write.
+        stale = session_pk in self._unsettled
 
         def write(db: sqlite3.Connection) -> Message:
-            self._fail_stale_question(db, session_pk)
+            if stale:
+                self._fail_stale_question(db, session_pk)
             if idempotency is not None:
                 self._check_key_free(db, idempotency)
+            for item in before:
+                self._insert_message(db, session_pk, item)
             if retry_message_pk is None:
                 message = self._insert_message(db, session_pk, draft)
             else:
                 message = self._retake_message(db, session_pk, retry_message_pk)
             if idempotency is not None:
                 self._record_idempotency(db, session_pk, message.pk, idempotency)
+            if response_pk is not None:
+                db.execute(
+                    "UPDATE responses SET question_pk = ? WHERE pk = ?", (message.pk, response_pk)
+                )
             return message
 
-        return await self._writer.run(write)
+        message = await self._writer.run(write)
+        self._unsettled.discard(session_pk)
+        return message
 
     @staticmethod
     def _fail_stale_question(db: sqlite3.Connection, session_pk: int) -> None:
@@ -536,6 +660,7 @@ class SqliteStore:
         idempotency: IdempotencyStart | None = None,
         usage: Usage | None = None,
         piece_ends: str | None = None,
+        truncated: bool = False,
     ) -> Message:
         """Store the answer; the insert marks its question answered in the same commit."""
 
@@ -543,6 +668,11 @@ class SqliteStore:
 
         def write(db: sqlite3.Connection) -> Message:
             answer = self._insert_message(db, session_pk, draft)
+            if truncated:
+                db.execute(
+                    "UPDATE responses SET incomplete = 1 WHERE question_pk = ?",
+                    (user_message_pk,),
+                )
             if idempotency is not None:
                 db.execute(
                     "UPDATE idempotency_keys SET state = 'succeeded', ai_session = ?"
@@ -559,20 +689,85 @@ class SqliteStore:
         user_message_pk: int,
         idempotency: IdempotencyStart | None = None,
         error_code: str | None = None,
+        context_count: int = 0,
     ) -> None:
         def write(db: sqlite3.Connection) -> None:
-            db.execute(
+            failed = db.execute(
                 "UPDATE messages SET status = 'failed', error_code = ?"
-                " WHERE pk = ? AND status = 'pending'",
+                " WHERE pk = ? AND status = 'pending' RETURNING seq",
                 (error_code, user_message_pk),
-            )
+            ).fetchone()
+            if failed is not None and context_count:
+                # The context the question brought goes with it.
+                db.execute(
+                    "UPDATE messages SET status = 'failed' WHERE session_pk = ?"
+                    " AND seq >= ? AND seq < ?",
+                    (session_pk, failed[0] - context_count, failed[0]),
+                )
             if idempotency is not None:
                 db.execute(
                     "UPDATE idempotency_keys SET state = 'failed' WHERE api_key_id = ? AND key = ?",
                     (idempotency.api_key_id, idempotency.key),
                 )
 
-        await self._writer.run(write)
+        try:
+            await self._writer.run(write)
+        except StorageUnavailable:
+            # The question stays pending: the session's next turn fails it first.
+            self._unsettled.add(session_pk)
+            raise
+
+    # -- responses of the OpenAI face ------------------------------------------------------
+
+    async def create_response(self, row: ResponseRow) -> ResponseRow:
+        rows = await self._write(
+            "INSERT INTO responses (id, api_key_id, session_pk, created_at, model,"
+            " output_message_id, body) VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING pk",
+            (row.id, row.api_key_id, row.session_pk, row.created_at, row.model,
+             row.output_message_id, row.body),
+        )
+        return dataclasses.replace(row, pk=rows[0][0])
+
+    async def _response(self, where: str, params: tuple[Any, ...]) -> ResponseRow | None:
+        found = await self._fetchone(
+            f"SELECT {_RESPONSE_COLUMNS}, question_pk FROM responses WHERE {where}", params
+        )
+        if found is None:
+            return None
+        *columns, question_pk = tuple(found)
+        pk, id_, key_id, session_pk, created_at, model, output_id, body, continued, cut = columns
+        question = answer = None
+        if question_pk is not None and session_pk is not None:
+            question = await self.get_message(session_pk, question_pk)
+            if question is not None and question.status == "answered":
+                answer = await self.answer_to(session_pk, question.seq)
+        return ResponseRow(
+            pk, id_, key_id, session_pk, created_at, model, output_id, body,
+            bool(continued), bool(cut), question, answer,
+        )
+
+    async def get_response(self, api_key_id: int, response_id: str) -> ResponseRow | None:
+        return await self._response("id = ? AND api_key_id = ?", (response_id, api_key_id))
+
+    async def response_for_question(self, question_pk: int) -> ResponseRow | None:
+        return await self._response("question_pk = ?", (question_pk,))
+
+    async def delete_response(self, api_key_id: int, response_id: str) -> bool:
+        rows = await self._write(
+            "DELETE FROM responses WHERE id = ? AND api_key_id = ? RETURNING pk",
+            (response_id, api_key_id),
+        )
+        return bool(rows)
+
+    async def claim_continuation(self, response_pk: int) -> bool:
+        rows = await self._write(
+            "UPDATE responses SET continued = 1 WHERE pk = ? AND continued = 0 RETURNING pk",
+            (response_pk,),
+        )
+        return bool(rows)
+
+    async def release_continuation(self, response_pk: int) -> None:
+        await self._write("UPDATE responses SET continued = 0 WHERE pk = ?", (response_pk,))
 
     # -- idempotency and crash recovery --------------------------------------------------
 

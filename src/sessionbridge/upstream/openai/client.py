@@ -18,7 +18,14 @@ from typing import Any
 import aiohttp
 
 from ... import jsoncodec
-from ...errors import FieldError, InvalidField, UpstreamError, UpstreamFailure, UpstreamUnavailable
+from ...errors import (
+    ContextLengthExceeded,
+    FieldError,
+    InvalidField,
+    UpstreamError,
+    UpstreamFailure,
+    UpstreamUnavailable,
+)
 from ...records import ChatSession, HistoryTurn, Usage
 from ..base import CallObserver, DeltaSink, HealthReport, Reply, TurnContext, no_observer
 from ..http import (
@@ -239,12 +246,21 @@ class OpenAIClient:
         else:
             estimate = fixed + estimate_of(history, ratio)
         trimmed = False
+        if estimate + turn.max_tokens > info.context_tokens and not turn.trim:
+            raise ContextLengthExceeded(
+                f"the conversation needs about {estimate + turn.max_tokens} tokens with its"
+                f" reply, over the AI server's context of {info.context_tokens}"
+            )
         if estimate + turn.max_tokens > info.context_tokens:
             history = trim(history, fixed, turn.max_tokens, ratio, info.context_tokens // 2)
             trimmed = True
         try:
             answer, restored = await self._complete(info, session, history, turn, on_delta)
         except ContextExceeded:
+            if not turn.trim:
+                raise ContextLengthExceeded(
+                    "the conversation does not fit the AI server's context"
+                ) from None
             if not history:
                 raise UpstreamError("the AI server's context cannot hold this message") from None
             # The estimate was short: trim further, once.
@@ -267,7 +283,7 @@ class OpenAIClient:
         usage = None
         if answer.prompt_tokens is not None and answer.completion_tokens is not None:
             usage = Usage(answer.prompt_tokens, answer.cached_tokens or 0, answer.completion_tokens)
-        return Reply(answer.text, kind, usage)
+        return Reply(answer.text, kind, usage, answer.truncated)
 
     async def recover(self, turn: TurnContext, on_delta: DeltaSink | None) -> Reply:
         """A turn on a server that may hold none of this conversation (a pool's other replica).
@@ -289,6 +305,7 @@ class OpenAIClient:
             "model": info.model,
             "messages": build_messages(session.scenario, history, turn.content),
             "max_tokens": turn.max_tokens,
+            **turn.sampling,
             "stream": True,
             "stream_options": {"include_usage": True},
         }

@@ -37,9 +37,12 @@ def window_state(start: int) -> str:
 
 
 def build_messages(scenario: str, history: list[HistoryTurn], content: str) -> list[dict[str, str]]:
-    messages = [{"role": "system", "content": scenario}]
+    # A response without instructions has no system message; a turn whose
+    # question was deleted (a conversation's item) is its answer alone.
+    messages = [{"role": "system", "content": scenario}] if scenario else []
     for turn in history:
-        messages.append({"role": "user", "content": turn.user})
+        if turn.user:
+            messages.append({"role": "user", "content": turn.user})
         messages.append({"role": "assistant", "content": turn.assistant})
     messages.append({"role": "user", "content": content})
     return messages

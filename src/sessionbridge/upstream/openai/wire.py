@@ -33,6 +33,8 @@ class Answer:
     prompt_tokens: int | None
     cached_tokens: int | None  # None: the server does not say
     completion_tokens: int | None
+    # The server stopped at max_tokens (finish_reason "length").
+    truncated: bool = False
 
 
 class ContextExceeded(UpstreamError):
@@ -51,6 +53,7 @@ class UsageReader:
         self.prompt: int | None = None
         self.cached: int | None = None
         self.completion: int | None = None
+        self.truncated = False
 
     def read(self, document: dict[str, Any]) -> None:
         usage = document.get("usage")
@@ -71,8 +74,12 @@ class UsageReader:
             if self.completion is None and predicted is not None:
                 self.completion = predicted
 
+    def finish(self, choice: dict[str, Any]) -> None:
+        if choice.get("finish_reason") == "length":
+            self.truncated = True
+
     def answer(self, text: str) -> Answer:
-        return Answer(text, self.prompt, self.cached, self.completion)
+        return Answer(text, self.prompt, self.cached, self.completion, self.truncated)
 
 
 def parse_body(raw: bytes) -> Answer:
@@ -88,6 +95,7 @@ def parse_body(raw: bytes) -> Answer:
         raise UpstreamError("the AI server's message content is not text")
     usage = UsageReader()
     usage.read(body)
+    usage.finish(body["choices"][0])
     return usage.answer(text)
 
 
@@ -153,6 +161,7 @@ async def read_stream(
         elif piece is not None and not isinstance(piece, str):
             raise UpstreamError("the AI server streamed content that is not text")
         if choice.get("finish_reason"):
+            usage.finish(choice)
             finished = True
     if not finished:
         raise ServerFailed("the AI server's stream ended before the reply did")

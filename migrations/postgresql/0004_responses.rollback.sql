@@ -1,0 +1,2 @@
+DROP TABLE responses;
+ALTER TABLE chat_sessions DROP COLUMN metadata, DROP COLUMN kind;

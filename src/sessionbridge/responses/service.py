@@ -1,0 +1,336 @@
+"""The OpenAI face's responses: one model of a conversation behind both faces (docs/openai-api.md).
+
+A response is a turn of a session: its question and answer are messages of
+the line it lives in (``lines.py``), so everything the sessions API promises
+holds for it (one turn at a time per line, arrival order, durability, the
+AI session or the prompt cache kept warm, recovery, idempotency, streams
+that outlive their connection, several bridges). What a response adds is a
+row: its id, what it asked, its output message's id, and which question is
+its own. Its status is its question's: running, answered (completed, or
+incomplete when the reply was cut by its token limit), failed or cancelled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import calendar
+import contextlib
+import json
+import logging
+import secrets
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any
+
+from ..conversation import Conversations, Turn
+from ..conversation.results import TurnOptions
+from ..errors import (
+    IdempotencyInProgress,
+    IdempotencyMismatch,
+    NotFound,
+    error_from_code,
+)
+from ..records import ApiKey, Message, ResponseRow
+from ..store.base import Store
+from ..turn_events import TurnEvents
+from .lines import Line, choose_line, plan_turn
+from .records import (
+    MESSAGE_ID_PREFIX,
+    RESPONSE_ID_PREFIX,
+    InputMessage,
+    Item,
+    ResponseError,
+    ResponseRecord,
+    ResponseRequest,
+    ResponseStatus,
+    ResponseUsage,
+)
+
+log = logging.getLogger(__name__)
+
+# How long a cancel waits for the cut-off turn to record its end.
+CANCEL_WAIT = 5.0
+# A follower of a response still waiting for its turn looks for its question this often.
+QUEUED_POLL = 0.1
+
+
+def new_id(prefix: str) -> str:
+    return prefix + secrets.token_hex(16)
+
+
+def unix_seconds(rfc3339: str) -> int:
+    """A stored RFC 3339 UTC time (``2026-12-03T06:09:18.123Z``) as unix seconds."""
+    return calendar.timegm(time.strptime(rfc3339[:19], "%Y-%m-%dT%H:%M:%S"))
+
+
+@dataclass(frozen=True, slots=True)
+class Started:
+    """A response a request started or found again: its row, and its turn when it runs here."""
+
+    row: ResponseRow
+    turn: Turn | None = None
+    line: Line | None = None
+
+
+class Responses:
+    """Creates, finds, cancels and deletes responses; knows the store and the conversation rules."""
+
+    def __init__(
+        self,
+        store: Store,
+        conversations: Conversations,
+        model: str,
+        max_tokens: int,
+        count_response: Callable[[str], None] = lambda status: None,
+    ) -> None:
+        self._store = store
+        self._count_response = count_response
+        self._conversations = conversations
+        self.model = model
+        # When the model was first served (unix seconds), as /v1/models shows it.
+        self.started_at = int(time.time())
+        self._max_tokens = max_tokens
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # -- creating ----------------------------------------------------------------------------
+
+    async def create(
+        self,
+        key: ApiKey,
+        request: ResponseRequest,
+        *,
+        idempotency_key: str | None = None,
+        fingerprint: str | None = None,
+    ) -> Started:
+        """Start a response; return once its question is stored (or it is found again)."""
+        if idempotency_key is not None:
+            assert fingerprint is not None
+            found = await self._idempotent(key, idempotency_key, fingerprint, request.stream)
+            if found is not None:
+                return found
+        max_tokens = request.max_output_tokens or self._max_tokens
+        line = await choose_line(self._store, key, request, max_tokens)
+        try:
+            plan = await plan_turn(self._store, request, line)
+            row = await self._store.create_response(
+                self._new_row(key, request, line, len(plan.context))
+            )
+        except BaseException:
+            await self._undo(line, None)
+            raise
+        options = TurnOptions(
+            context=plan.context,
+            prompt_prefix=plan.prompt_prefix,
+            scenario=plan.scenario,
+            fresh_ai_session=plan.fresh_ai_session,
+            response_pk=row.pk,
+            sampling={
+                name: value
+                for name, value in (("temperature", request.temperature), ("top_p", request.top_p))
+                if value is not None
+            },
+            trim=request.truncation == "auto",
+        )
+        try:
+            turn = await self._conversations.begin(
+                key, line.session.id, plan.question, request.max_output_tokens,
+                idempotency_key, follow_running=request.stream, fingerprint=fingerprint,
+                options=options,
+            )
+        except BaseException:
+            await self._undo(line, row)
+            raise
+        if idempotency_key is not None and turn.question is not None:
+            mine = await self._store.response_for_question(turn.question.pk)
+            if mine is not None and mine.pk != row.pk:
+                # An identical request ran first: this one follows it.
+                await self._undo(line, row)
+                return Started(mine, turn)
+        turn.outcome.add_done_callback(lambda done: self._settled(done, line, row))
+        return Started(row, turn, line)
+
+    def _new_row(
+        self, key: ApiKey, request: ResponseRequest, line: Line, context_count: int
+    ) -> ResponseRow:
+        body = {
+            "session_id": line.session.id,
+            "conversation_id": line.conversation_id,
+            "context_count": context_count,
+            "instructions": request.instructions,
+            "previous_response_id": request.previous_response_id,
+            "input": [
+                {"id": new_id(MESSAGE_ID_PREFIX), "role": m.role, "texts": list(m.texts)}
+                for m in request.input
+            ],
+            "metadata": dict(request.metadata),
+            "background": request.background,
+            "store": request.store,
+            "max_output_tokens": request.max_output_tokens,
+            "truncation": request.truncation,
+            "temperature": request.temperature,
+            "top_p": request.top_p,
+            "prompt_cache_key": request.prompt_cache_key,
+        }
+        return ResponseRow(
+            0, new_id(RESPONSE_ID_PREFIX), key.id, line.session.pk, int(time.time()),
+            self.model, new_id(MESSAGE_ID_PREFIX), json.dumps(body, ensure_ascii=False),
+        )
+
+    async def _idempotent(
+        self, key: ApiKey, idempotency_key: str, fingerprint: str, stream: bool
+    ) -> Started | None:
+        """A request with this key seen before: its response (replayed or followed), or None."""
+        record = await self._store.get_idempotency(key.id, idempotency_key)
+        if record is None or record.state == "failed":
+            return None  # tried again as a new response
+        if record.fingerprint != fingerprint:
+            raise IdempotencyMismatch("this Idempotency-Key was used with another body")
+        row = None
+        if record.user_message_pk is not None:
+            row = await self._store.response_for_question(record.user_message_pk)
+        if row is None:
+            raise NotFound("the outcome of this Idempotency-Key is no longer stored")
+        if record.state == "in_progress" and not stream:
+            raise IdempotencyInProgress("the request with this Idempotency-Key is still running")
+        return Started(row)
+
+    def _settled(self, outcome: asyncio.Future[Any], line: Line, row: ResponseRow) -> None:
+        # A continuation that failed leaves its line as it was: the next one may go on in it.
+        failed = outcome.cancelled() or outcome.exception() is not None
+        if failed and line.claimed is not None:
+            self._spawn(self._store.release_continuation(line.claimed.pk), "release-continuation")
+        self._spawn(self._count_end(row), "count-response")
+
+    async def _count_end(self, row: ResponseRow) -> None:
+        with contextlib.suppress(Exception):
+            ended = await self._store.get_response(row.api_key_id, row.id)
+            if ended is not None:
+                self._count_response(status_of(ended, background=False))
+
+    async def _undo(self, line: Line, row: ResponseRow | None) -> None:
+        """A response refused before its question was stored leaves nothing behind."""
+        with contextlib.suppress(Exception):
+            if row is not None:
+                await self._store.delete_response(row.api_key_id, row.id)
+            if line.claimed is not None:
+                await self._store.release_continuation(line.claimed.pk)
+            if line.created:
+                await self._store.delete_session(line.session.api_key_id, line.session.id)
+
+    async def discard(self, started: Started) -> None:
+        """A response that is not stored (``store: false``) goes, once it has been shown."""
+        line = started.line
+        if line is None or not line.temporary:
+            return
+        if started.turn is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(started.turn.outcome)
+        with contextlib.suppress(Exception):
+            await self._store.delete_session(line.session.api_key_id, line.session.id)
+            await self._conversations.deleted(line.session)
+
+    def _spawn(self, work: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.create_task(work, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- reading -----------------------------------------------------------------------------
+
+    async def get(self, key: ApiKey, response_id: str) -> ResponseRow:
+        row = await self._store.get_response(key.id, response_id)
+        if row is None:
+            raise NotFound(f"no response {response_id}")
+        return row
+
+    async def events(self, key: ApiKey, row: ResponseRow) -> TurnEvents | None:
+        """The turn events of a response from their start (None while it waits for its turn)."""
+        question = row.question
+        if question is None:
+            for _ in range(int(60 / QUEUED_POLL)):
+                await asyncio.sleep(QUEUED_POLL)  # observed state: the question being stored
+                row = await self.get(key, row.id)
+                if row.question is not None:
+                    question = row.question
+                    break
+            if question is None:
+                return None
+        body = json.loads(row.body)
+        return await self._conversations.follow(key, body["session_id"], question.id)
+
+    async def cancel(self, key: ApiKey, response_id: str) -> ResponseRow:
+        """Stop a running response (its AI-server call is dropped); an ended one is as it was."""
+        row = await self.get(key, response_id)
+        if row.question is None or row.question.status != "pending":
+            return row
+        await self._conversations.cancel_anywhere(row.question)
+        deadline = time.monotonic() + CANCEL_WAIT
+        while time.monotonic() < deadline:
+            row = await self.get(key, response_id)
+            if row.question is None or row.question.status != "pending":
+                break
+            await asyncio.sleep(0.02)  # observed state: the cut-off turn recording its end
+        return row
+
+    async def delete(self, key: ApiKey, response_id: str) -> None:
+        if not await self._store.delete_response(key.id, response_id):
+            raise NotFound(f"no response {response_id}")
+
+
+def record_of(row: ResponseRow) -> ResponseRecord:
+    """The response as the OpenAI face shows it now, from its row, question and answer."""
+    body = json.loads(row.body)
+    status = status_of(row, bool(body.get("background")))
+    usage = None
+    answer: Message | None = row.answer
+    if answer is not None and answer.usage is not None:
+        usage = ResponseUsage(
+            answer.usage.prompt_tokens, answer.usage.cached_tokens, answer.usage.completion_tokens
+        )
+    error = None
+    if status == "failed" and row.question is not None:
+        code = row.question.error_code or "upstream_error"
+        error = ResponseError(code, error_from_code(code, "").title)
+    return ResponseRecord(
+        id=row.id,
+        api_key_id=row.api_key_id,
+        status=status,
+        created_at=row.created_at,
+        model=row.model,
+        output_message_id=row.output_message_id,
+        input_items=tuple(
+            Item(item["id"], item["role"], tuple(item["texts"])) for item in body["input"]
+        ),
+        instructions=body.get("instructions"),
+        previous_response_id=body.get("previous_response_id"),
+        conversation_id=body.get("conversation_id"),
+        output_text=answer.content if answer is not None else "",
+        usage=usage,
+        metadata=body.get("metadata") or {},
+        error=error,
+        incomplete_reason="max_output_tokens" if status == "incomplete" else None,
+        background=bool(body.get("background")),
+        store=bool(body.get("store", True)),
+        max_output_tokens=body.get("max_output_tokens"),
+        truncation=body.get("truncation", "disabled"),
+        temperature=body.get("temperature"),
+        top_p=body.get("top_p"),
+        prompt_cache_key=body.get("prompt_cache_key"),
+        completed_at=unix_seconds(answer.created_at) if answer is not None else None,
+    )
+
+
+def status_of(row: ResponseRow, background: bool) -> ResponseStatus:
+    question = row.question
+    if question is None:
+        return "queued" if background else "in_progress"
+    if question.status == "pending":
+        return "in_progress"
+    if question.status == "answered":
+        return "incomplete" if row.incomplete else "completed"
+    return "cancelled" if question.error_code == "cancelled" else "failed"
+
+
+def input_messages(row: ResponseRow) -> tuple[InputMessage, ...]:
+    body = json.loads(row.body)
+    return tuple(InputMessage(item["role"], tuple(item["texts"])) for item in body["input"])
