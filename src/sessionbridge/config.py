@@ -19,6 +19,7 @@ from typing import Any
 ENV_PREFIX = "SESSIONBRIDGE_"
 FLAVORS = ("scenario", "init-session", "openai")
 SLOT_SAVE_MODES = ("off", "on")
+EVENT_LOOPS = ("asyncio", "uvloop")
 SYNCHRONOUS_MODES = ("NORMAL", "FULL")
 
 
@@ -131,10 +132,15 @@ class Settings:
     # bridge killed mid-turn holds its session at most this long (SQLite: unused).
     turn_lease: float = 30.0
     log_level: str = "INFO"
+    # The event loop serve runs on: asyncio's own, or uvloop (the ``uvloop``
+    # extra), which costs a turn a little less CPU (bench/README.md).
+    event_loop: str = "asyncio"
 
     def __post_init__(self) -> None:
         if self.upstream_flavor not in FLAVORS:
             raise ConfigError(f"upstream_flavor must be one of {', '.join(FLAVORS)}")
+        if self.event_loop not in EVENT_LOOPS:
+            raise ConfigError(f"event_loop must be one of {', '.join(EVENT_LOOPS)}")
         if self.slot_save not in SLOT_SAVE_MODES:
             raise ConfigError("slot_save must be on or off")
         if self.slot_save == "on" and not self.slot_dir:
@@ -193,7 +199,7 @@ def _convert(name: str, raw: Any) -> Any:
             return float(raw)
         if name == "db_synchronous":
             return str(raw).upper()
-        if name == "slot_save":
+        if name in ("slot_save", "event_loop"):
             return str(raw).lower()
         return str(raw)
     except ValueError:

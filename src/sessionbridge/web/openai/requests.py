@@ -175,7 +175,7 @@ def parse_metadata(value: object, param: str = "metadata") -> dict[str, str]:
 
 def _content_texts(content: object, param: str) -> tuple[str, ...]:
     if isinstance(content, str):
-        return (content,)
+        return (_text(content, param, None),)  # bounded per message, as parts are
     if not isinstance(content, list):
         _invalid(param, "must be a string or a list of content parts")
     texts: list[str] = []

@@ -18,7 +18,7 @@ from aiohttp.typedefs import Handler
 
 from ... import jsoncodec
 from ...errors import FieldError, InvalidField
-from ...records import ApiKey, ResponseRow
+from ...records import ApiKey, ResponseRow, is_storable
 from ...responses.conversations import paged
 from ...responses.records import ENDED_STATUSES, Item, ResponseRecord
 from ...responses.service import Responses, Started, record_of
@@ -88,6 +88,9 @@ def _idempotency_key(request: web.Request) -> str | None:
         raise InvalidField([FieldError(
             "Idempotency-Key", f"must be 1 to {MAX_IDEMPOTENCY_KEY} characters"
         )])
+    # Header bytes that are not UTF-8 arrive as lone surrogates, which no store can hold.
+    if value is not None and not is_storable(value):
+        raise InvalidField([FieldError("Idempotency-Key", "must be UTF-8 text")])
     return value
 
 

@@ -13,7 +13,7 @@ import pytest
 from sessionbridge.config import Settings
 from sessionbridge.web.connections import descriptor_reserve
 
-UNIT = Path(__file__).resolve().parents[1] / "deploy" / "sessionbridge.service"
+UNIT = Path(__file__).resolve().parents[2] / "deploy" / "sessionbridge.service"
 INSTALLED_BINARY = "/opt/sessionbridge/.venv/bin/sessionbridge"
 
 needs_systemd_analyze = pytest.mark.skipif(

@@ -22,9 +22,8 @@ from aiohttp.test_utils import TestServer
 from pytest_aiohttp import AiohttpServer
 
 from sessionbridge.reference.seed_server import DevServerState, create_devserver_app
-
-from .doubles import HANG_TIMEOUT, ServerGate, wait_until
-from .processes import (
+from tests.doubles import HANG_TIMEOUT, ServerGate, wait_until
+from tests.processes import (
     SIGKILL,
     SIGTERM,
     Bridge,
@@ -197,6 +196,34 @@ async def test_serve_without_upstream_exits_2_with_a_clear_message(tmp_path: Pat
     message = done.stderr.lower()
     assert "upstream" in message or "ai server" in message, done.stderr
     assert "Traceback" not in done.stderr
+
+
+async def test_serve_on_uvloop_holds_a_conversation_and_stops_on_sigterm(
+    tmp_path: Path, procs: Processes, http: aiohttp.ClientSession
+) -> None:
+    upstream = await start_devserver(procs)
+    db = tmp_path / "b.db"
+    token = await create_token(db)
+    bridge = await start_bridge(procs, db, upstream, env={"SESSIONBRIDGE_EVENT_LOOP": "uvloop"})
+    client = Client(http, bridge, token)
+    session_id = await client.new_session()
+
+    first = await client.say(session_id, "one")
+    second = await client.say(session_id, "two")
+
+    assert (first["ai_session"], second["ai_session"]) == ("created", "reused")
+    bridge.process.signal(SIGTERM)
+    assert await bridge.process.wait_exit(HANG_TIMEOUT) == 0
+
+
+async def test_an_unknown_event_loop_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    done = await run_cli(
+        "serve", "--port", str(free_port()), "--db", str(tmp_path / "b.db"),
+        "--upstream", "http://127.0.0.1:9", env=clean_env(SESSIONBRIDGE_EVENT_LOOP="trio"),
+        cwd=tmp_path,
+    )
+    assert done.returncode == 2, (done.stdout, done.stderr)
+    assert "event_loop" in done.stderr and "Traceback" not in done.stderr
 
 
 # -- 3. kill -9 -----------------------------------------------------------------------------------

@@ -20,8 +20,7 @@ from sessionbridge.reference.seed_server import (
     main,
     reply_for,
 )
-
-from .doubles import ManualClock, ServerGate
+from tests.doubles import ManualClock, ServerGate
 
 DevClient = TestClient[web.Request, web.Application]
 

@@ -17,9 +17,8 @@ from sessionbridge.config import Settings
 from sessionbridge.reference.seed_server import DevServerState
 from sessionbridge.tokens import hash_token
 from sessionbridge.web.appkeys import CONVERSATIONS, STORE
-
-from .conftest import Api, MakeApi, ReferenceAI, problem, readyz_becomes
-from .doubles import FakeAIServer, ServerGate, wait_until
+from tests.conftest import Api, MakeApi, ReferenceAI, problem, readyz_becomes
+from tests.doubles import FakeAIServer, ServerGate, wait_until
 
 # -- the same rules for every flavour of AI server -------------------------------------------
 

@@ -10,8 +10,7 @@ from sessionbridge.cli import quiet_library_loggers
 from sessionbridge.reference.seed_server import DevServerState
 from sessionbridge.tokens import hash_token
 from sessionbridge.web.appkeys import STORE
-
-from .conftest import MakeApi
+from tests.conftest import MakeApi
 
 
 async def test_a_busy_run_logs_no_token_cookie_or_password(

@@ -35,9 +35,8 @@ from sessionbridge.reference.openai_server import (
     create_openai_reference_app,
 )
 from sessionbridge.reference.seed_server import DevServerState
-
-from .conftest import issue_token
-from .doubles import FIRST_PIECE_WRITES, ServerGate
+from tests.conftest import issue_token
+from tests.doubles import FIRST_PIECE_WRITES, ServerGate
 
 
 def _chromium() -> str | None:

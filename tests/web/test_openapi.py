@@ -28,16 +28,16 @@ from schemathesis.specs.openapi.checks import positive_data_acceptance
 from sessionbridge.app import create_app
 from sessionbridge.config import Settings
 from sessionbridge.web import openapi
-
-from .conftest import Api, issue_token
+from tests.conftest import Api, issue_token
 
 DOCUMENT: dict[str, Any] = json.loads(openapi.document_bytes())
 HTTP_METHODS = {"get", "put", "post", "delete", "options", "head", "patch", "trace"}
 # aiohttp adds HEAD beside every GET route; the document, like most, leaves it implicit.
 IMPLICIT_METHODS = {"HEAD"}
-# Per operation and generation mode; with ten operations this keeps the whole
-# run to a few seconds.
-MAX_EXAMPLES = 25
+# Per operation and generation mode. With the 24 operations of both faces the
+# run takes about half a minute, most of it hypothesis generating the OpenAI
+# face's nested bodies.
+MAX_EXAMPLES = 20
 
 
 def has_openapi_route(app: web.Application) -> bool:
@@ -172,14 +172,31 @@ class LiveBridge:
         self.http = requests.Session()
         self.calls = 0
 
-    def new_session(self) -> str:
+    def post(self, path: str, body: dict[str, Any], status: int = 200) -> Any:
         response = self.http.post(
-            f"{self.base_url}/v1/sessions",
-            json={"scenario": "fuzzed"},
+            f"{self.base_url}{path}", json=body,
             headers={"Authorization": f"Bearer {self.token}"},
         )
-        assert response.status_code == 201, response.text
-        return str(response.json()["id"])
+        assert response.status_code == status, response.text
+        return response.json()
+
+    def new_session(self) -> str:
+        return str(self.post("/v1/sessions", {"scenario": "fuzzed"}, status=201)["id"])
+
+    def new_response(self) -> str:
+        """A completed response, one that may be retrieved, continued, cancelled or deleted."""
+        response = self.post("/v1/responses", {"input": "fuzzed"})
+        assert response["status"] == "completed", response
+        return str(response["id"])
+
+    def new_conversation(self) -> tuple[str, str]:
+        """A conversation that holds one item: its id and the item's."""
+        conversation = self.post("/v1/conversations", {})
+        items = self.post(
+            f"/v1/conversations/{conversation['id']}/items",
+            {"items": [{"role": "user", "content": "fuzzed"}]},
+        )
+        return str(conversation["id"]), str(items["data"][0]["id"])
 
 
 def load_live_schema(bridge: LiveBridge) -> list[Operation]:
@@ -218,11 +235,65 @@ def integral_floats_as_ints(case: Case) -> Case:
     return case
 
 
-def make_valid_case_stand_alone(bridge: LiveBridge, case: Case, use_real_session: bool) -> None:
+def real_path_ids(bridge: LiveBridge, path: str) -> dict[str, str]:
+    """Ids that exist for the path parameters of ``path``."""
+    if path.startswith("/v1/responses/"):
+        return {"id": bridge.new_response()}
+    if path.startswith("/v1/conversations/"):
+        conversation_id, item_id = bridge.new_conversation()
+        return {"id": conversation_id, "item_id": item_id}
+    return {"id": bridge.new_session()}
+
+
+def answerable_messages(messages: Any) -> None:
+    """Message items whose parts' texts, joined, are not blank: JSON Schema cannot join them."""
+    for message in messages if isinstance(messages, list) else ():
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, list) and content and not "".join(
+            part["text"] for part in content
+        ).strip():
+            content[0]["text"] = "?"
+
+
+def answerable_response_request(
+    bridge: LiveBridge, body: dict[str, Any], use_real_ids: bool
+) -> None:
+    """A valid ``POST /v1/responses`` body as the bridge can answer it.
+
+    The input must end with a question (its last user or assistant item a
+    user message), which JSON Schema cannot say of a list's last match; and
+    half the cases that name a response or a conversation name one that
+    exists (a random id is rightly 404).
+    """
+    messages = body.get("input")
+    if isinstance(messages, list):
+        answerable_messages(messages)
+        said = [m["role"] for m in messages if m["role"] in ("user", "assistant")]
+        if said[-1:] != ["user"]:
+            messages.append({"role": "user", "content": "And then?"})
+    if use_real_ids and body.get("previous_response_id") is not None:
+        body["previous_response_id"] = bridge.new_response()
+    if use_real_ids and body.get("conversation") is not None:
+        conversation_id, _ = bridge.new_conversation()
+        if isinstance(body["conversation"], dict):
+            body["conversation"]["id"] = conversation_id
+        else:
+            body["conversation"] = conversation_id
+
+
+def make_valid_case_stand_alone(bridge: LiveBridge, case: Case, use_real_ids: bool) -> None:
     """Undo what makes a schema-valid case fail for reasons the schema cannot express."""
-    if use_real_session and "id" in (case.path_parameters or {}):
-        # Random ids are all (rightly) 404; half the valid cases use a session that exists.
-        case.path_parameters = {**(case.path_parameters or {}), "id": bridge.new_session()}
+    if use_real_ids and "id" in (case.path_parameters or {}):
+        # Random ids are all (rightly) 404; half the valid cases use objects that exist.
+        real = real_path_ids(bridge, case.operation.path)
+        case.path_parameters = {
+            name: real.get(name, value) for name, value in (case.path_parameters or {}).items()
+        }
+    if isinstance(case.body, dict):
+        if case.operation.path == "/v1/responses":
+            answerable_response_request(bridge, case.body, use_real_ids)
+        else:
+            answerable_messages(case.body.get("items"))
     if case.headers and "Idempotency-Key" in case.headers:
         # Hypothesis repeats small values, and a key reused with another body
         # is rightly 422 idempotency_mismatch: each valid case gets its own key.
@@ -247,10 +318,10 @@ def fuzz_operation(bridge: LiveBridge, operation: Operation, mode: GenerationMod
         suppress_health_check=list(hypothesis.HealthCheck),
         print_blob=True,
     )
-    @hypothesis.given(case=strategy, use_real_session=st.booleans())
-    def run(case: Case, use_real_session: bool) -> None:
+    @hypothesis.given(case=strategy, use_real_ids=st.booleans())
+    def run(case: Case, use_real_ids: bool) -> None:
         if mode is GenerationMode.POSITIVE:
-            make_valid_case_stand_alone(bridge, case, use_real_session)
+            make_valid_case_stand_alone(bridge, case, use_real_ids)
         bridge.calls += 1
         response = case.call(session=bridge.http)
         # Every check schemathesis enables by default: not_a_server_error,
@@ -273,6 +344,58 @@ def fuzz_every_operation(bridge: LiveBridge) -> list[str]:
             fuzz_operation(bridge, operation, mode)
             tried.append(f"{operation.label} {mode.value}")
     return tried
+
+
+def check_streams(bridge: LiveBridge) -> list[str]:
+    """Each stream the document describes, fetched for real and checked event by event."""
+    operations = {operation.label: operation for operation in load_live_schema(bridge)}
+    auth = {"Authorization": f"Bearer {bridge.token}"}
+    checked = []
+
+    def check(label: str, **parts: Any) -> list[dict[str, Any]]:
+        headers = {**auth, **parts.pop("headers", {})}
+        case = operations[label].Case(headers=headers, **parts)
+        # Given a session, schemathesis sends its headers (requests' `Accept: */*`
+        # among them) over the case's, unless they are passed to call() as well.
+        response = case.call(session=bridge.http, headers=headers)
+        assert response.status_code == 200, response.text
+        assert response.headers["content-type"][0].startswith("text/event-stream"), label
+        # schemathesis reads each event against the media type's schema, and its
+        # JSON data against the schema's contentSchema.
+        case.validate_response(response)
+        checked.append(label)
+        return [
+            json.loads(line.removeprefix("data: "))
+            for line in response.text.splitlines()
+            if line.startswith("data: ")
+        ]
+
+    session_id = bridge.new_session()
+    turn = check(
+        "POST /v1/sessions/{id}/messages", path_parameters={"id": session_id},
+        headers={"Accept": "text/event-stream"}, body={"content": "Stream it."},
+    )
+    check(
+        "GET /v1/sessions/{id}/messages/{message_id}/events",
+        path_parameters={"id": session_id, "message_id": turn[0]["user_message"]["id"]},
+    )
+    events = check("POST /v1/responses", body={"input": "Stream it.", "stream": True})
+    response_id = events[0]["response"]["id"]
+    replayed = check(
+        "GET /v1/responses/{id}", path_parameters={"id": response_id},
+        query={"stream": "true", "starting_after": "2"},
+    )
+    assert replayed == events[3:]
+    return checked
+
+
+async def test_every_event_stream_is_as_documented(api: Api) -> None:
+    bridge = LiveBridge(str(api.client.make_url("")).rstrip("/"), api.token)
+    try:
+        checked = await asyncio.to_thread(check_streams, bridge)
+    finally:
+        bridge.http.close()
+    assert len(checked) == 4
 
 
 async def test_schemathesis_finds_no_server_error_and_no_undocumented_response(api: Api) -> None:

@@ -30,9 +30,8 @@ from sessionbridge.reference.openai_server import (
     create_openai_reference_app,
     main,
 )
-
-from .doubles import ManualClock, wait_until
-from .processes import clean_env, free_port
+from tests.doubles import ManualClock, wait_until
+from tests.processes import clean_env, free_port
 
 Client = TestClient[web.Request, web.Application]
 

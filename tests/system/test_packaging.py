@@ -24,7 +24,7 @@ import aiohttp
 import pytest
 from setuptools import find_packages
 
-from .processes import (
+from tests.processes import (
     UPSTREAM_PASSWORD,
     UPSTREAM_USER,
     Processes,
@@ -36,7 +36,7 @@ from .processes import (
 
 pytestmark = pytest.mark.packaging
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BUILD_TIMEOUT = 300
 
 

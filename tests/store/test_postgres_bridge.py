@@ -24,10 +24,9 @@ from sessionbridge.store.schema import (
     migrations_dir,
     rollback_postgres_migrations,
 )
-
-from .conftest import MakeApi, problem, readyz_becomes
-from .doubles import wait_until
-from .postgres import LocalServer
+from tests.conftest import MakeApi, problem, readyz_becomes
+from tests.doubles import wait_until
+from tests.postgres import LocalServer
 
 # Readiness of a bridge whose PostgreSQL server stops and starts again.
 PG_RESTART_TIMEOUT = 15.0

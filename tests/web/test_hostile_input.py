@@ -40,9 +40,8 @@ from sessionbridge.app import create_app
 from sessionbridge.cli import quiet_library_loggers
 from sessionbridge.config import Settings, TokenRange
 from sessionbridge.reference.seed_server import DevServerState, create_devserver_app
-
-from .conftest import issue_token
-from .doubles import HANG_TIMEOUT
+from tests.conftest import issue_token
+from tests.doubles import HANG_TIMEOUT
 
 T = TypeVar("T")
 

@@ -20,9 +20,8 @@ from pytest_aiohttp import AiohttpServer
 from sessionbridge.config import Settings
 from sessionbridge.reference.seed_server import DevServerState, create_devserver_app
 from sessionbridge.web.appkeys import READINESS
-
-from .conftest import Api, MakeApi, ReferenceAI, readyz, readyz_becomes
-from .doubles import ServerGate, wait_until
+from tests.conftest import Api, MakeApi, ReferenceAI, readyz, readyz_becomes
+from tests.doubles import ServerGate, wait_until
 
 PROBE_EVERY = 0.1
 

@@ -16,8 +16,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from .doubles import wait_until
-from .processes import (
+from tests.doubles import wait_until
+from tests.processes import (
     Processes,
     bridge_env,
     create_token,

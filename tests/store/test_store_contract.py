@@ -29,8 +29,7 @@ from sessionbridge.records import (
 from sessionbridge.store import DuplicateKeyName, SessionGone, Store
 from sessionbridge.store.schema import apply_migrations
 from sessionbridge.store.sqlite import SqliteStore
-
-from .doubles import wait_until
+from tests.doubles import wait_until
 
 RFC3339_MS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 

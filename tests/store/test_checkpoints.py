@@ -15,8 +15,7 @@ import pytest
 from sessionbridge.store.schema import apply_migrations
 from sessionbridge.store.sqlite import SqliteStore
 from sessionbridge.store.sqlite import store as store_module
-
-from .doubles import ManualClock
+from tests.doubles import ManualClock
 
 SCENARIO = "A scenario long enough to fill a page or two of the database. " * 60
 

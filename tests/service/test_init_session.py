@@ -12,8 +12,7 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from sessionbridge.reference.seed_server import DevServerState
-
-from .conftest import Api
+from tests.conftest import Api
 
 
 @pytest.fixture

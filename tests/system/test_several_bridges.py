@@ -30,10 +30,9 @@ from sessionbridge.reference.openai_server import (
 )
 from sessionbridge.reference.seed_server import DevServerState, create_devserver_app
 from sessionbridge.web.appkeys import SETTINGS
-
-from .doubles import FIRST_PIECE_WRITES, HANG_TIMEOUT, ServerGate, wait_until
-from .processes import SIGKILL, Process, Processes, clean_env, free_port, run_cli, wait_http_ok
-from .sse import Stream, joined, read_events
+from tests.doubles import FIRST_PIECE_WRITES, HANG_TIMEOUT, ServerGate, wait_until
+from tests.processes import SIGKILL, Process, Processes, clean_env, free_port, run_cli, wait_http_ok
+from tests.sse import Stream, joined, read_events
 
 STREAM = {"Accept": "text/event-stream"}
 # Short enough for a test to wait out, long enough for a loaded machine's beats.

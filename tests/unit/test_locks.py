@@ -8,8 +8,7 @@ import pytest
 
 from sessionbridge.conversation.locks import SessionLocks
 from sessionbridge.errors import SessionBusy
-
-from .doubles import Gate, wait_until
+from tests.doubles import Gate, wait_until
 
 
 async def test_waiters_are_served_in_arrival_order() -> None:

@@ -29,9 +29,8 @@ from sessionbridge.app import create_app
 from sessionbridge.config import Settings
 from sessionbridge.store.sqlite import store as sqlite_store
 from sessionbridge.web.appkeys import SETTINGS
-
-from .conftest import Api, MakeApi, problem, readyz_becomes
-from .doubles import ServerGate
+from tests.conftest import Api, MakeApi, problem, readyz_becomes
+from tests.doubles import ServerGate
 
 
 class Disk:

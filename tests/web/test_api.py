@@ -20,9 +20,8 @@ from sessionbridge.config import Settings
 from sessionbridge.reference.seed_server import DevServerState
 from sessionbridge.store.sqlite import SqliteStore
 from sessionbridge.web.appkeys import STORE
-
-from .conftest import Api, MakeApi, issue_token, problem
-from .doubles import ServerGate, wait_until
+from tests.conftest import Api, MakeApi, issue_token, problem
+from tests.doubles import ServerGate, wait_until
 
 SESSION_FIELDS = {"id", "title", "scenario", "max_tokens", "created_at", "updated_at",
                   "message_count"}

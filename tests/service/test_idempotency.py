@@ -19,9 +19,8 @@ from pytest_aiohttp import AiohttpClient
 from sessionbridge.app import create_app
 from sessionbridge.config import Settings
 from sessionbridge.errors import UpstreamError
-
-from .conftest import Api, answering_with, issue_token, problem
-from .doubles import FakeAIServer, FakeTurn
+from tests.conftest import Api, answering_with, issue_token, problem
+from tests.doubles import FakeAIServer, FakeTurn
 
 
 @pytest.fixture

@@ -17,8 +17,7 @@ from sessionbridge.records import ApiKey, TranscriptTurn
 from sessionbridge.store.schema import apply_migrations
 from sessionbridge.store.sqlite import SqliteStore
 from sessionbridge.upstream.sessions import recent_transcript, recovery_scenario
-
-from .doubles import FakeAIServer, FakeTurn, Gate
+from tests.doubles import FakeAIServer, FakeTurn, Gate
 
 
 @pytest.fixture

@@ -1,0 +1,1 @@
+"""The conversation service and the AI-server protocols behind it, over real sockets."""

@@ -1,0 +1,1 @@
+"""The stores: one contract suite over SQLite and PostgreSQL, migrations, storage faults."""

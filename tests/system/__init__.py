@@ -1,0 +1,1 @@
+"""Whole processes: the console script, signals, the installed wheel, several bridges."""
