@@ -9,16 +9,12 @@ busy or cut off by the network would.
 
 from __future__ import annotations
 
-import asyncio
-import time
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Callable
 
 from aiohttp import web
 
 from sessionbridge.reference.seed_server import DevServerState, DevSession
-
-from .processes import free_port
+from tests.processes import free_port
 
 
 class ReplicaServer:
@@ -50,16 +46,3 @@ def sessions_of(state: DevServerState, marker: str) -> list[DevSession]:
     """The AI sessions a seed-protocol replica holds for the conversation whose scenario has
     ``marker`` (recovered ones included: their scenario starts with the original)."""
     return [s for s in state.sessions.values() if s.scenario.startswith(marker)]
-
-
-async def eventually(
-    check: Callable[[], Awaitable[Any]], within: float = 10.0, what: str = "the condition"
-) -> Any:
-    """Poll ``check`` until it returns something true, for at most ``within`` seconds."""
-    deadline = time.monotonic() + within
-    while True:
-        outcome = await check()
-        if outcome:
-            return outcome
-        assert time.monotonic() < deadline, f"{what} did not hold within {within} s: {outcome!r}"
-        await asyncio.sleep(0.02)

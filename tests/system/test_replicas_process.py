@@ -16,8 +16,8 @@ import aiohttp
 
 import sessionbridge
 from sessionbridge.upstream.placement import preference
-
-from .processes import (
+from tests.doubles import wait_until
+from tests.processes import (
     SIGKILL,
     UPSTREAM_PASSWORD,
     UPSTREAM_USER,
@@ -29,7 +29,6 @@ from .processes import (
     start_bridge,
     wait_http_ok,
 )
-from .replicas import eventually
 
 # The child processes run the code under test, wherever pytest was started from.
 SOURCE = str(Path(sessionbridge.__file__).resolve().parents[1])
@@ -139,14 +138,14 @@ async def test_a_replica_killed_between_turns_hands_its_conversations_on_without
     async def out() -> bool:
         return (await client.replica_states()).get(victim.url) == "out"
 
-    await eventually(out, what="the killed replica listed out")
+    await wait_until(out, message="the killed replica listed out")
 
     await victim.start()  # on its port again, its memory empty
 
     async def back() -> bool:
         return (await client.replica_states()).get(victim.url) == "healthy"
 
-    await eventually(back, what="the restarted replica listed healthy")
+    await wait_until(back, message="the restarted replica listed healthy")
     for session_id, home in placed.items():
         body = await client.say(session_id, "message 4")
         # Its own conversations go back to it, recovered there; the rest stay.
@@ -173,7 +172,7 @@ async def test_a_replica_killed_mid_turn_before_any_reply_leaves_the_client_no_e
         except TimeoutError:
             return True  # the victim holds message 2 right now
 
-    await eventually(generating, what="the victim generating message 2")
+    await wait_until(generating, message="the victim generating message 2")
     await victim.kill()
     body = await turn
 

@@ -24,10 +24,10 @@ from sessionbridge.reference.openai_server import (
 )
 from sessionbridge.upstream.connect import replica_id
 from sessionbridge.upstream.placement import preference
-
-from .conftest import Api, issue_token
-from .replicas import ReplicaServer, eventually
-from .sse import Stream, read_events
+from tests.conftest import Api, issue_token
+from tests.doubles import wait_until
+from tests.replicas import ReplicaServer
+from tests.sse import Stream, read_events
 
 STREAM = {"Accept": "text/event-stream"}
 
@@ -96,7 +96,7 @@ async def until_up(api: Api, model: Model, up: bool = True) -> None:
         line = f'sessionbridge_replica_healthy{{replica="{model.url}"}} {1.0 if up else 0.0}'
         return line in text
 
-    await eventually(check, what=f"{model.url} {'up' if up else 'out'}")
+    await wait_until(check, message=f"{model.url} {'up' if up else 'out'}")
 
 
 async def stream(api: Api, session_id: str, content: str) -> Stream:

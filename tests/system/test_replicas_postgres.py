@@ -19,9 +19,8 @@ import pytest
 import sessionbridge
 from sessionbridge.reference.seed_server import DevServerState, create_devserver_app
 from sessionbridge.upstream.placement import preference
-
-from .processes import Processes, clean_env, free_port, run_cli, wait_http_ok
-from .replicas import ReplicaServer, sessions_of
+from tests.processes import Processes, clean_env, free_port, run_cli, wait_http_ok
+from tests.replicas import ReplicaServer, sessions_of
 
 SOURCE = str(Path(sessionbridge.__file__).resolve().parents[1])
 

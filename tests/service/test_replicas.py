@@ -23,9 +23,9 @@ from sessionbridge.app import create_app
 from sessionbridge.config import Settings, TokenRange
 from sessionbridge.reference.seed_server import DevServerState, create_devserver_app
 from sessionbridge.upstream.placement import preference
-
-from .conftest import Api, issue_token
-from .replicas import ReplicaServer, eventually, sessions_of
+from tests.conftest import Api, issue_token
+from tests.doubles import wait_until
+from tests.replicas import ReplicaServer, sessions_of
 
 
 class Seed:
@@ -126,7 +126,7 @@ async def until_state(api: Api, seed: Seed, state: str) -> None:
     async def check() -> bool:
         return await replica_state(api, seed.url) == state
 
-    await eventually(check, what=f"{seed.url} {state} in /readyz")
+    await wait_until(check, message=f"{seed.url} {state} in /readyz")
 
 
 async def replica_up(api: Api, url: str) -> float | None:
@@ -143,7 +143,7 @@ async def until_up(api: Api, seed: Seed, up: bool = True) -> None:
     async def check() -> bool:
         return await replica_up(api, seed.url) == (1.0 if up else 0.0)
 
-    await eventually(check, what=f"{seed.url} {'up' if up else 'out'} in /metrics")
+    await wait_until(check, message=f"{seed.url} {'up' if up else 'out'} in /metrics")
 
 
 # -- affinity ---------------------------------------------------------------------------------
@@ -322,11 +322,11 @@ async def test_readyz_lists_each_replica_and_is_ready_while_one_takes_turns(
 
     await seeds[2].server.stop()
 
-    async def not_ready() -> dict[str, Any] | None:
-        status, body = await readyz(api)
-        return body if status == 503 else None
+    async def not_ready() -> bool:
+        return (await readyz(api))[0] == 503
 
-    body = await eventually(not_ready, what="/readyz 503")
+    await wait_until(not_ready, message="/readyz 503")
+    _, body = await readyz(api)
     assert body["code"] == "not_ready" and "no AI server replica is healthy" in body["detail"]
     assert all(seed.url in body["detail"] for seed in seeds)
 
