@@ -1,6 +1,6 @@
 """The `replicas` part of `make bench`: two llama-servers behind the bridge's placement or nginx.
 
-Two llama-servers (Gemma 3 270M from `make model`, one thread each, 4 slots
+Two llama-servers (the model `make model` installs, one thread each, 4 slots
 of 2048 tokens) serve 8 conversations of 8 turns, the conversations running
 at once, each turn streamed. The same load runs twice on fresh servers:
 
@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from llama_server import LlamaServer, LlamaServerFailed, missing_reason
+from llama_server import MODEL_NAME, LlamaServer, LlamaServerFailed, missing_reason
 from procs import clean_env, create_key, free_port
 
 TOPICS = [
@@ -400,8 +400,7 @@ async def measure(workdir: Path) -> dict[str, Any]:
         print(f"  skipped: {reason}", flush=True)
         return {"skipped": reason}
     results: dict[str, Any] = {
-        "model": "Gemma 3 270M Q4_K_M, two llama-servers, 1 thread and 4 slots of 2048 tokens"
-                 " each",
+        "model": f"{MODEL_NAME}, two llama-servers, 1 thread and 4 slots of 2048 tokens each",
         "conversations": CONVERSATIONS, "turns_each": len(QUESTIONS),
         "reply_tokens": REPLY_TOKENS, "kill_after": KILL_AFTER,
     }
