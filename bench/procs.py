@@ -161,15 +161,13 @@ def launched(
     """``argv`` (``python -m ...`` or ``python script ...``) through bench/launch.py when
     a loop, cProfile or GC statistics are asked for; unchanged otherwise.
 
-    On uvloop the program runs with ``python -O``: the bridge's connection guard
-    asserts that its transport is an ``asyncio.Transport``, which uvloop's
-    transports are not (they only quack like one), so without -O every
-    connection fails. -O drops only ``assert`` statements, two of them on a
-    turn's path (about 0.05 µs each).
+    Both programs run their loop through the launcher, so bridge and
+    passthrough differ in nothing but the program (the bridge's own
+    SESSIONBRIDGE_EVENT_LOOP=uvloop does the same as the launcher's policy).
     """
     if loop is None and cprofile is None and gc_stats is None and not extra:
         return argv
-    interpreter = [argv[0], "-O"] if loop == "uvloop" else [argv[0]]
+    interpreter = [argv[0]]
     options = ["--loop", loop or "asyncio"]
     if cprofile is not None:
         options += ["--cprofile", str(cprofile)]

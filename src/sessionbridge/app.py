@@ -18,6 +18,7 @@ from .errors import StorageUnavailable
 from .metrics import Metrics
 from .readiness import ReadinessProbe, probing
 from .responses.conversations import ConversationService
+from .responses.replays import Replays
 from .responses.service import Responses
 from .store import features, open_store
 from .upstream.connect import connect as connect_ai_server
@@ -28,6 +29,7 @@ from .web.appkeys import (
     CONVERSATIONS,
     METRICS,
     READINESS,
+    REPLAYS,
     RESPONSES,
     SETTINGS,
     STORE,
@@ -88,6 +90,7 @@ async def conversations(app: web.Application) -> AsyncIterator[None]:
     app[CONVERSATION_SERVICE] = ConversationService(
         app[STORE], service, settings.session_max_tokens_default
     )
+    app[REPLAYS] = Replays(app[STORE])
     yield
     # Turns still running past the shutdown grace are cut off and record it.
     await service.stop()

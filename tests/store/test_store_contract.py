@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -975,3 +976,18 @@ async def test_concurrent_claims_of_a_continuation_give_it_to_one(backend: Backe
     )
 
     assert sorted(claims) == [False] * 9 + [True]
+
+
+async def test_an_idempotent_result_is_kept_once_per_key_and_purged_with_age(
+    store: Store,
+) -> None:
+    key, _ = await key_and_session(store)
+    assert await store.get_result(key.id, "k1") is None
+
+    assert await store.put_result(key.id, "k1", "fp", '{"id": "conv_1"}')
+    assert not await store.put_result(key.id, "k1", "other", '{"id": "conv_2"}')
+
+    assert await store.get_result(key.id, "k1") == ("fp", '{"id": "conv_1"}')
+    assert await store.purge_idempotency(older_than=time.time() - 3600) == 0
+    assert await store.purge_idempotency(older_than=time.time() + 3600) == 1
+    assert await store.get_result(key.id, "k1") is None

@@ -371,3 +371,24 @@ async def test_models_lists_the_model_the_bridge_serves(face: Face) -> None:
     assert len(models) == 1
     response = await face.sdk.responses.create(model="whatever", input="hi")
     assert response.model == models[0].id
+
+
+async def test_an_idempotency_key_makes_one_conversation_and_adds_items_once(face: Face) -> None:
+    created = [
+        await face.sdk.conversations.create(
+            metadata={"n": "1"}, extra_headers={"Idempotency-Key": "make-conv"}
+        )
+        for _ in range(2)
+    ]
+    assert created[0].id == created[1].id
+    with pytest.raises(openai.UnprocessableEntityError):
+        await face.sdk.conversations.create(
+            metadata={"n": "2"}, extra_headers={"Idempotency-Key": "make-conv"}
+        )
+    for _ in range(2):
+        await face.sdk.conversations.items.create(
+            created[0].id, items=[{"role": "user", "content": "once"}],
+            extra_headers={"Idempotency-Key": "add-once"},
+        )
+    items = [i async for i in face.sdk.conversations.items.list(created[0].id)]
+    assert len(items) == 1

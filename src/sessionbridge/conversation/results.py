@@ -61,6 +61,9 @@ class TurnOptions:
     sampling: Mapping[str, float] = field(default_factory=_nothing)
     # May the oldest turns be dropped to fit the context?
     trim: bool = True
+    # What keeps this turn's line on one AI server among several (a chain's
+    # first response, or a client's prompt_cache_key); None: the session.
+    affinity_key: str | None = None
 
 
 NO_OPTIONS = TurnOptions()

@@ -21,7 +21,6 @@ class TurnContext:
         content: str,
         max_tokens: int,
         options: TurnOptions = NO_OPTIONS,
-        affinity_key: str | None = None,
     ) -> None:
         self._store = store
         self._rows = rows
@@ -30,8 +29,9 @@ class TurnContext:
         self.max_tokens = max_tokens
         self.sampling = options.sampling
         self.trim = options.trim
-        # Turns with one key go to one AI server among several: the session's, by default.
-        self.affinity_key = session.id if affinity_key is None else affinity_key
+        # Turns with one key go to one AI server among several: the session's,
+        # unless the turn's options name another (a chain of responses).
+        self.affinity_key = options.affinity_key or session.id
 
     @property
     def state(self) -> str | None:

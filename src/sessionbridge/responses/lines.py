@@ -43,6 +43,9 @@ class Line:
     # A line made for this response alone (store: false): deleted once it is shown.
     temporary: bool = False
     created: bool = False
+    # The first response of the chain this one continues (None: it starts one,
+    # or it is in a conversation).
+    root: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,12 +100,13 @@ async def _continue(
     source = await store.get_session(key.id, body["session_id"])
     if source is None:
         raise NotFound(f"the context of {previous.id} is no longer stored")
+    root = body.get("chain_root") or previous.id
     own_line = request.store and source.kind == "chain" and body.get("conversation_id") is None
     if own_line and await store.claim_continuation(previous.pk):
-        return Line(source, claimed=previous)
+        return Line(source, claimed=previous, root=root)
     # A branch (or a response kept nowhere): a line of its own, the history copied.
     fork = await store.fork_session(source, previous.answer.seq, scenario, max_tokens)
-    return Line(fork, temporary=not request.store, created=True)
+    return Line(fork, temporary=not request.store, created=True, root=root)
 
 
 async def plan_turn(store: Store, request: ResponseRequest, line: Line) -> Plan:

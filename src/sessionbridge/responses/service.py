@@ -131,6 +131,8 @@ class Responses:
                 if value is not None
             },
             trim=request.truncation == "auto",
+            # A chain and its branches stay where its cache is (docs/ai-servers.md).
+            affinity_key=request.prompt_cache_key or _chain_key(line, row),
         )
         try:
             turn = await self._conversations.begin(
@@ -155,6 +157,7 @@ class Responses:
     ) -> ResponseRow:
         body = {
             "session_id": line.session.id,
+            "chain_root": line.root,
             "conversation_id": line.conversation_id,
             "context_count": context_count,
             "instructions": request.instructions,
@@ -275,6 +278,13 @@ class Responses:
     async def delete(self, key: ApiKey, response_id: str) -> None:
         if not await self._store.delete_response(key.id, response_id):
             raise NotFound(f"no response {response_id}")
+
+
+def _chain_key(line: Line, row: ResponseRow) -> str | None:
+    """A chain's affinity: its first response's id (this one's, when it starts the chain)."""
+    if line.conversation_id is not None:
+        return None
+    return line.root or row.id
 
 
 def record_of(row: ResponseRow) -> ResponseRecord:

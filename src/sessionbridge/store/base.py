@@ -153,6 +153,14 @@ class Store(Protocol):
 
     async def get_idempotency(self, api_key_id: int, key: str) -> IdempotencyRecord | None: ...
 
+    async def get_result(self, api_key_id: int, key: str) -> tuple[str, str] | None:
+        """The fingerprint and answer (JSON) an idempotent request that is not a turn gave."""
+        ...
+
+    async def put_result(self, api_key_id: int, key: str, fingerprint: str, body: str) -> bool:
+        """Keep that answer; False if the key already has one (another request was first)."""
+        ...
+
     # -- responses of the OpenAI face ------------------------------------------------------
 
     async def create_response(self, row: ResponseRow) -> ResponseRow:

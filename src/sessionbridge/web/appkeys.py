@@ -10,6 +10,7 @@ from ..metrics import Metrics
 from ..readiness import ReadinessProbe
 from ..records import ApiKey
 from ..responses.conversations import ConversationService
+from ..responses.replays import Replays
 from ..responses.service import Responses
 from ..store import Store
 from ..upstream import AIServer
@@ -22,5 +23,6 @@ CONVERSATIONS = web.AppKey("conversations", Conversations)
 READINESS = web.AppKey("readiness", ReadinessProbe)
 RESPONSES = web.AppKey("responses", Responses)
 CONVERSATION_SERVICE = web.AppKey("conversation_service", ConversationService)
+REPLAYS = web.AppKey("replays", Replays)
 
 API_KEY = web.RequestKey("api_key", ApiKey)

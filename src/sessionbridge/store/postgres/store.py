@@ -644,7 +644,25 @@ class PostgresStore(PoolQueries):
             " AND state <> 'in_progress'",
             older_than,
         )
-        return int(status.rsplit(" ", 1)[-1])
+        results = await self._execute(
+            "DELETE FROM idempotent_results WHERE created_at < to_timestamp($1)", older_than
+        )
+        return int(status.rsplit(" ", 1)[-1]) + int(results.rsplit(" ", 1)[-1])
+
+    async def get_result(self, api_key_id: int, key: str) -> tuple[str, str] | None:
+        row = await self._fetchrow(
+            "SELECT fingerprint, body FROM idempotent_results WHERE api_key_id = $1 AND key = $2",
+            api_key_id, key,
+        )
+        return None if row is None else (row[0], row[1])
+
+    async def put_result(self, api_key_id: int, key: str, fingerprint: str, body: str) -> bool:
+        row = await self._fetchrow(
+            "INSERT INTO idempotent_results (api_key_id, key, fingerprint, body)"
+            " VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING RETURNING key",
+            api_key_id, key, fingerprint, body,
+        )
+        return row is not None
 
     async def fail_pending_turns(self) -> int:
         """Fail the questions no turn will answer any more; return how many.

@@ -780,12 +780,32 @@ class SqliteStore:
         return None if row is None else IdempotencyRecord(*row)
 
     async def purge_idempotency(self, older_than: float) -> int:
-        rows = await self._write(
-            "DELETE FROM idempotency_keys WHERE created_at < ? AND state != 'in_progress'"
-            " RETURNING key",
-            (older_than,),
+        def write(db: sqlite3.Connection) -> int:
+            turns = db.execute(
+                "DELETE FROM idempotency_keys WHERE created_at < ? AND state != 'in_progress'",
+                (older_than,),
+            ).rowcount
+            results = db.execute(
+                "DELETE FROM idempotent_results WHERE created_at < ?", (older_than,)
+            ).rowcount
+            return int(turns + results)
+
+        return await self._writer.run(write)
+
+    async def get_result(self, api_key_id: int, key: str) -> tuple[str, str] | None:
+        row = await self._fetchone(
+            "SELECT fingerprint, body FROM idempotent_results WHERE api_key_id = ? AND key = ?",
+            (api_key_id, key),
         )
-        return len(rows)
+        return None if row is None else (row[0], row[1])
+
+    async def put_result(self, api_key_id: int, key: str, fingerprint: str, body: str) -> bool:
+        rows = await self._write(
+            "INSERT INTO idempotent_results (api_key_id, key, fingerprint, body, created_at)"
+            " VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING RETURNING key",
+            (api_key_id, key, fingerprint, body, time.time()),
+        )
+        return bool(rows)
 
     async def fail_pending_turns(self) -> int:
         """Mark turns cut off by a crash or shutdown as failed; return how many."""

@@ -11,7 +11,8 @@ import asyncio
 import dataclasses
 import hashlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
@@ -24,7 +25,7 @@ from ...responses.records import ENDED_STATUSES, Item, ResponseRecord
 from ...responses.service import Responses, Started, record_of
 from ...turn_events import COMPLETED, DELTA, ENDINGS, STARTED, TurnEvents, split_pieces
 from ..api import MAX_IDEMPOTENCY_KEY, read_object
-from ..appkeys import API_KEY, CONVERSATION_SERVICE, RESPONSES, SETTINGS
+from ..appkeys import API_KEY, CONVERSATION_SERVICE, REPLAYS, RESPONSES, SETTINGS
 from ..jsonhttp import json_response
 from .errors import error_middleware
 from .objects import (
@@ -247,9 +248,19 @@ async def _final(
 
 @routes.post("/v1/conversations")
 async def create_conversation(request: web.Request) -> web.Response:
-    ask = parse_conversation_create(await read_object(request), _limits(request))
-    record = await request.app[CONVERSATION_SERVICE].create(_key(request), ask)
-    return json_response(conversation_object(record))
+    body = await read_object(request)
+    ask = parse_conversation_create(body, _limits(request))
+    key = _key(request)
+    service = request.app[CONVERSATION_SERVICE]
+
+    async def work() -> tuple[dict[str, Any], Callable[[], Awaitable[None]]]:
+        record = await service.create(key, ask)
+        return conversation_object(record), lambda: service.delete(key, record.id)
+
+    answer = await request.app[REPLAYS].once(
+        key, _idempotency_key(request), fingerprint({"body": body}), work
+    )
+    return json_response(answer)
 
 
 @routes.get("/v1/conversations/{id}")
@@ -276,11 +287,26 @@ async def delete_conversation(request: web.Request) -> web.Response:
 
 @routes.post("/v1/conversations/{id}/items")
 async def add_items(request: web.Request) -> web.Response:
-    ask = parse_items_create(await read_object(request), _limits(request))
-    items = await request.app[CONVERSATION_SERVICE].add_items(
-        _key(request), request.match_info["id"], ask.items
+    body = await read_object(request)
+    ask = parse_items_create(body, _limits(request))
+    key = _key(request)
+    conversation_id = request.match_info["id"]
+    service = request.app[CONVERSATION_SERVICE]
+
+    async def work() -> tuple[dict[str, Any], Callable[[], Awaitable[None]]]:
+        items = await service.add_items(key, conversation_id, ask.items)
+
+        async def undo() -> None:
+            for item in items:
+                await service.delete_item(key, conversation_id, item.id)
+
+        return items_added(items), undo
+
+    fingerprinted = {"conversation": conversation_id, "body": body}
+    answer = await request.app[REPLAYS].once(
+        key, _idempotency_key(request), fingerprint(fingerprinted), work
     )
-    return json_response(items_added(items))
+    return json_response(answer)
 
 
 @routes.get("/v1/conversations/{id}/items")
