@@ -23,7 +23,10 @@ Starts the reference AI server, the bridge and a minimal aiohttp passthrough
 - responses: OpenAI's Responses API through the bridge with the openai SDK
   (a previous_response_id chain and a conversation) beside the same turns sent
   straight to llama-server, byte-stable and naive (responses.py; skipped like
-  real).
+  real);
+- replicas: two real llama-servers behind the bridge's placement and behind
+  an nginx round robin, then one of them killed mid-run (replicas.py; skipped
+  without .venv-model or nginx).
 
 The figures go to stdout, bench/results/<timestamp>.json and .png. Targets
 are printed beside them and never asserted: the exit status says only
@@ -32,8 +35,8 @@ whether the benchmark ran, not how fast anything was.
     python bench/run.py                 # everything, a few minutes
     python bench/run.py --quick         # a smoke run: short, small databases
     python bench/run.py --only throughput,slow
-    python bench/run.py --no-real       # without the real model's parts (real, responses;
-                                        # --quick leaves them out too)
+    python bench/run.py --no-real       # without the real model's parts (real, responses,
+                                        # replicas; --quick leaves them out too)
     python bench/run.py --only throughput,profile --no-uvloop
 """
 
@@ -61,6 +64,7 @@ import chart
 import phases
 import profiling
 import real_model
+import replicas
 import responses
 import several
 from client import SetupError
@@ -78,9 +82,10 @@ PHASES: dict[str, Callable[[phases.Context], Coroutine[Any, Any, dict[str, Any]]
     "several": several.phase,
     "real": real_model.phase,
     "responses": responses.phase,
+    "replicas": replicas.phase,
 }
 # The parts that run a real model: on unless --no-real (or --quick).
-MODEL_PARTS = ("real", "responses")
+MODEL_PARTS = ("real", "responses", "replicas")
 
 # The targets the project set itself: printed with the figures, never asserted.
 TARGET_THROUGHPUT_RATIO = 0.6
@@ -106,7 +111,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--memory-timebox", type=float,
                         help="seconds allowed for using the stored sessions once")
     parser.add_argument("--real", action=argparse.BooleanOptionalAction, default=None,
-                        help="the real-model parts, real and responses"
+                        help="the real-model parts, real, responses and replicas"
                         " (default: on, off with --quick)")
     parser.add_argument("--uvloop", action=argparse.BooleanOptionalAction, default=True,
                         help="also run the throughput part's bridge and passthrough on uvloop,"
@@ -351,6 +356,8 @@ def print_report(report: dict[str, Any]) -> None:
         real_model.print_report(report["real"])
     if "responses" in report:
         responses.print_report(report["responses"])
+    if "replicas" in report:
+        replicas.print_report(report["replicas"])
     rows = target_rows(report)
     if rows:
         print("Targets (reported, never asserted)")

@@ -62,6 +62,8 @@ class Settings:
     # Durability of a commit: NORMAL survives a crash of the process (kill -9);
     # FULL also survives power loss, at one fsync per commit.
     db_synchronous: str = "NORMAL"
+    # One AI server's base URL, or several replicas of one, comma-separated
+    # (docs/ai-servers.md#several-ai-servers).
     upstream_url: str = ""
     upstream_user: str = ""
     upstream_password: str = field(default="", repr=False)
@@ -84,6 +86,10 @@ class Settings:
     # JSON body escapes each character to at most 12 bytes.
     max_reply_bytes: int = 256 * 1024
     upstream_max_tokens: TokenRange = TokenRange(10, 500)
+    # Several replicas: a replica already running this many times its fair
+    # share of this bridge's running turns (and at least 2) is passed over for
+    # the conversation's next choice; 0 turns the bound off.
+    replica_load_factor: float = 1.25
     # A real model takes seconds to minutes; the later generation alone caps
     # generation at 30 s, so the default sits well above that.
     upstream_timeout: float = 120.0
@@ -142,6 +148,13 @@ class Settings:
                 "slot_save=on needs slot_dir: the llama.cpp server's --slot-save-path"
                 " as this bridge sees it, so that slot files stay bounded"
             )
+        urls = self.upstream_urls
+        if len(set(urls)) != len(urls):
+            raise ConfigError("upstream_url names the same AI server twice")
+        if self.upstream_url.strip() and not urls:
+            raise ConfigError("upstream_url names no AI server")
+        if self.replica_load_factor != 0 and self.replica_load_factor < 1:
+            raise ConfigError("replica_load_factor must be 0 (no bound) or at least 1")
         if self.db_synchronous not in SYNCHRONOUS_MODES:
             raise ConfigError("db_synchronous must be NORMAL or FULL")
         if not 0 < self.port < 65536:
@@ -158,6 +171,11 @@ class Settings:
                      "turn_lease"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive")
+
+    @property
+    def upstream_urls(self) -> list[str]:
+        """The AI servers ``upstream_url`` names: one, or several replicas of one."""
+        return [url.strip().rstrip("/") for url in self.upstream_url.split(",") if url.strip()]
 
     @property
     def session_max_tokens_default(self) -> int:

@@ -87,6 +87,33 @@ class Metrics:
             registry=self.registry,
         )
 
+        # Several AI servers (upstream/replicas.py): the same counts by replica.
+        self.replica_turns = Counter(
+            "sessionbridge_replica_turns",
+            "Exchanges with each replica of the AI server, by outcome"
+            " (answered, empty_reply or an error code).",
+            ["replica", "outcome"],
+            registry=self.registry,
+        )
+        self.replica_prompt_tokens = Counter(
+            "sessionbridge_replica_prompt_tokens",
+            "Prompt tokens of answered turns by replica, by whether its cache held them.",
+            ["replica", "source"],
+            registry=self.registry,
+        )
+        self.failovers = Counter(
+            "sessionbridge_replica_failovers",
+            "Turns asked again on the next replica after this one failed them, by reason.",
+            ["replica", "reason"],
+            registry=self.registry,
+        )
+        self.replica_healthy = Gauge(
+            "sessionbridge_replica_healthy",
+            "1 while the replica takes turns (healthy or busy), 0 while it is out.",
+            ["replica"],
+            registry=self.registry,
+        )
+
         # labels() takes a lock and builds a key on every call; the hot
         # children are looked up once and kept here.
         self._children: dict[tuple[str, ...], Any] = {}
@@ -112,6 +139,21 @@ class Metrics:
         self._child(self.prompt_tokens, "computed").inc(
             max(usage.prompt_tokens - usage.cached_tokens, 0)
         )
+
+    def count_replica_turn(self, replica: str, outcome: str) -> None:
+        self._child(self.replica_turns, replica, outcome).inc()
+
+    def count_replica_prompt_tokens(self, replica: str, usage: Usage) -> None:
+        self._child(self.replica_prompt_tokens, replica, "cached").inc(usage.cached_tokens)
+        self._child(self.replica_prompt_tokens, replica, "computed").inc(
+            max(usage.prompt_tokens - usage.cached_tokens, 0)
+        )
+
+    def count_failover(self, replica: str, reason: str) -> None:
+        self._child(self.failovers, replica, reason).inc()
+
+    def set_replica_healthy(self, replica: str, healthy: bool) -> None:
+        self._child(self.replica_healthy, replica).set(1 if healthy else 0)
 
     def count_slot_action(self, action: str, outcome: str) -> None:
         self._child(self.slot_actions, action, outcome).inc()

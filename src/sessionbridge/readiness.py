@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from .config import Settings
 from .errors import StorageUnavailable
 from .store import Store
-from .upstream import AIServer, HealthReport
+from .upstream import AIServer, HealthReport, ReplicaHealth
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,8 @@ class Readiness:
     database: str
     upstream: str
     checked_at: float  # monotonic
+    # Several AI servers: each replica's state (empty for one AI server).
+    replicas: tuple[ReplicaHealth, ...] = ()
 
     @property
     def reason(self) -> str:
@@ -79,6 +81,7 @@ class ReadinessProbe:
             database,
             upstream,
             time.monotonic(),
+            report.replicas,
         )
         previous, self.latest = self.latest, outcome
         if (previous.ready, previous.reason) != (outcome.ready, outcome.reason):

@@ -29,6 +29,9 @@ class TurnContext:
         self.max_tokens = max_tokens
         self.sampling = options.sampling
         self.trim = options.trim
+        # Turns with one key go to one AI server among several: the session's,
+        # unless the turn's options name another (a chain of responses).
+        self.affinity_key = options.affinity_key or session.id
 
     @property
     def state(self) -> str | None:

@@ -22,10 +22,22 @@ from ..records import AISessionKind, ChatSession, HistoryTurn, Usage
 
 
 @dataclass(frozen=True, slots=True)
+class ReplicaHealth:
+    """One replica of a pool of AI servers, as /readyz lists it."""
+
+    url: str
+    state: str  # "healthy", "busy", "out" or "unknown" (not probed yet)
+    detail: str
+    running: int  # this bridge's turns on it now
+
+
+@dataclass(frozen=True, slots=True)
 class HealthReport:
     healthy: bool
     reason: str
     timed_out: bool = False
+    # Several AI servers (upstream/replicas.py): each one's state; empty for one server.
+    replicas: tuple[ReplicaHealth, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +62,11 @@ class TurnContext(Protocol):
     protocol keeps its AI session id there; OpenAI-compatible servers the
     start of the history window): the bridge stores it and gives it back,
     and never interprets it.
+
+    ``affinity_key`` says which turns belong together on one AI server: with
+    several replicas, turns of one key go to the same one while it is
+    healthy (its AI session or prompt cache is there). The conversation's
+    session id, unless a face says otherwise.
     """
 
     session: ChatSession
@@ -59,6 +76,7 @@ class TurnContext(Protocol):
     sampling: Mapping[str, float]
     # Whether the oldest turns may be dropped to fit the context (else: ContextLengthExceeded).
     trim: bool
+    affinity_key: str
 
     @property
     def state(self) -> str | None: ...

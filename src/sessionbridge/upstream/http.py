@@ -4,6 +4,12 @@ Lower-layer errors are mapped here, once: :class:`observed` turns
 ``aiohttp`` and timeout errors into the bridge's upstream errors (``raise ...
 from``), and :func:`read_limited` reads an answer without ever holding more
 than the configured limit (an AI server may answer with an endless body).
+
+Two of those errors say the AI server itself failed rather than the request:
+:class:`ServerFailed` (a 5xx, an answer broken off) and :class:`ServerBusy`
+(429 or 503 with its ``Retry-After``). A client sees them as any
+``upstream_error`` and ``upstream_unavailable``; a pool of replicas
+(``replicas.py``) takes the replica out and asks another.
 """
 
 from __future__ import annotations
@@ -27,6 +33,39 @@ log = logging.getLogger(__name__)
 
 # Answers the bridge only inspects (health, models, props, slot actions) are small.
 SMALL_BODY = 64 * 1024
+RETRY_AFTER_DEFAULT = 5
+
+
+class ServerFailed(UpstreamError):
+    """The AI server answered 5xx or broke its answer off (502 ``upstream_error``).
+
+    ``busy_for``: the ``Retry-After`` of a 429 or 503 (not sent to the client,
+    whose answer stays what it is with one AI server).
+    """
+
+    def __init__(self, detail: str, *, busy_for: int | None = None) -> None:
+        super().__init__(detail)
+        self.busy_for = busy_for
+
+
+class ServerBusy(UpstreamUnavailable):
+    """The AI server answered 429 or 503: busy or loading (503, with its ``Retry-After``)."""
+
+
+def retry_after(response: aiohttp.ClientResponse) -> int:
+    """The answer's ``Retry-After`` in seconds (1-3600), else the default."""
+    raw = response.headers.get("Retry-After", "")
+    return int(raw) if raw.isdigit() and 0 < int(raw) <= 3600 else RETRY_AFTER_DEFAULT
+
+
+def status_error(response: aiohttp.ClientResponse, endpoint: str) -> UpstreamError:
+    """The error for a refusal that is not the AI server's own failure (4xx), else ServerFailed."""
+    message = f"{endpoint} answered {response.status}"
+    if response.status in (429, 503):
+        return ServerFailed(message, busy_for=retry_after(response))
+    if response.status >= 500:
+        return ServerFailed(message)
+    return UpstreamError(message)
 
 
 class observed:
@@ -77,6 +116,9 @@ def _mapped(exc: BaseException, endpoint: str) -> UpstreamFailure | None:
         return UpstreamTimeout(f"{where} did not answer in time")
     if isinstance(exc, aiohttp.ClientConnectionError):
         return UpstreamUnavailable(f"{where}: {type(exc).__name__}")
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        # The answer broke off half-way: the server died or dropped it.
+        return ServerFailed(f"{where}: {type(exc).__name__}")
     if isinstance(exc, aiohttp.ClientError):
         return UpstreamError(f"{where}: {type(exc).__name__}")
     return None

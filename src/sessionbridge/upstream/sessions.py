@@ -27,7 +27,7 @@ from .. import jsoncodec
 from ..errors import SessionLost, UpstreamError
 from ..records import AISessionKind, ChatSession, HistoryTurn, TranscriptTurn
 from .base import CallObserver, DeltaSink, HealthReport, Reply, TurnContext, no_observer
-from .http import SMALL_BODY, observed, read_limited, refuse_redirect
+from .http import SMALL_BODY, observed, read_limited, refuse_redirect, status_error
 
 log = logging.getLogger(__name__)
 
@@ -152,17 +152,40 @@ class SessionServerClient:
                 raise UpstreamError("the AI server lost a session it had just created") from None
             # The AI server restarted or evicted the session: one new session
             # that carries the scenario and the recent transcript, then the message.
-            kind = "recovered"
+            return await self._recover(turn, on_delta, "recovered")
+        return await self._passed_on(text, kind, on_delta)
+
+    async def recover(self, turn: TurnContext, on_delta: DeltaSink | None) -> Reply:
+        """Answer on a new AI session that carries the conversation so far.
+
+        For a pool of replicas (``replicas.py``): the conversation comes to a
+        server that holds no up-to-date AI session of it, whatever
+        ``turn.state`` says. With no answered turn yet it is simply created.
+        """
+        history = await turn.history()
+        return await self._recover(turn, on_delta, "recovered" if history else "created", history)
+
+    async def _recover(
+        self,
+        turn: TurnContext,
+        on_delta: DeltaSink | None,
+        kind: AISessionKind,
+        history: list[HistoryTurn] | None = None,
+    ) -> Reply:
+        session = turn.session
+        if history is None:
             history = await turn.history()
-            scenario = self._scenario_with(session.scenario, history)
-            ai_session_id = await self.create_session(scenario, session.id)
-            await turn.save_state(ai_session_id)
-            try:
-                text = await self.chat(ai_session_id, turn.content, turn.max_tokens, session.id)
-            except SessionLost:
-                raise UpstreamError(
-                    "the AI server lost a session it had just recovered"
-                ) from None
+        scenario = self._scenario_with(session.scenario, history)
+        ai_session_id = await self.create_session(scenario, session.id)
+        await turn.save_state(ai_session_id)
+        try:
+            text = await self.chat(ai_session_id, turn.content, turn.max_tokens, session.id)
+        except SessionLost:
+            raise UpstreamError(f"the AI server lost a session it had just {kind}") from None
+        return await self._passed_on(text, kind, on_delta)
+
+    @staticmethod
+    async def _passed_on(text: str, kind: AISessionKind, on_delta: DeltaSink | None) -> Reply:
         # This protocol does not stream: the reply is one piece.
         if on_delta is not None and text:
             await on_delta(text)
@@ -252,7 +275,7 @@ class SessionServerClient:
                 raise SessionLost("the AI server no longer knows this session")
             if response.status != 200:
                 # detail may echo what we sent; keep only its status in the client's view.
-                raise UpstreamError(f"/{endpoint} answered {response.status}")
+                raise status_error(response, "/" + endpoint)
             if not isinstance(body, dict):
                 raise UpstreamError(f"/{endpoint} answered something that is not a JSON object")
             cookie = session_cookie(response) if endpoint == "scenario" else None

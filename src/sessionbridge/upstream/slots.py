@@ -7,6 +7,10 @@ names each file after its conversation's id, so no conversation can ever be
 given another's cache, and sees the same folder (``slot_dir``) so that it can
 remove a deleted conversation's file and keep at most ``slot_files`` of them
 (a file is the slot's tokens' cache: megabytes each).
+
+With several replicas (``replicas.py``) each keeps its own files, named with
+the replica's id as well (``sessionbridge-<session id>.<replica id>.slot``)
+and bounded per replica: a file holds what that replica computed.
 """
 
 from __future__ import annotations
@@ -21,18 +25,22 @@ log = logging.getLogger(__name__)
 PREFIX = "sessionbridge-"
 SUFFIX = ".slot"
 _SAFE = re.compile(r"[0-9a-f-]{36}")
+_REPLICA = re.compile(r"[0-9a-f]{1,16}")
 
 
 class SlotFiles:
-    def __init__(self, folder: str, keep: int) -> None:
+    def __init__(self, folder: str, keep: int, replica: str = "") -> None:
         self._folder = Path(folder)
         self._keep = keep
+        if replica and not _REPLICA.fullmatch(replica):
+            raise ValueError(f"not a replica id: {replica!r}")
+        self._tag = f".{replica}" if replica else ""
 
     def filename(self, session_id: str) -> str:
         # Session ids are UUIDs; anything else never names a file.
         if not _SAFE.fullmatch(session_id):
             raise ValueError(f"not a session id: {session_id!r}")
-        return f"{PREFIX}{session_id}{SUFFIX}"
+        return f"{PREFIX}{session_id}{self._tag}{SUFFIX}"
 
     def exists(self, filename: str) -> bool:
         return (self._folder / filename).is_file()
@@ -40,7 +48,9 @@ class SlotFiles:
     def saved(self, filename: str) -> None:
         """A file was written: drop the oldest beyond the bound."""
         files = sorted(
-            (entry for entry in self._folder.glob(f"{PREFIX}*{SUFFIX}") if entry.is_file()),
+            # This replica's files only (the pattern spells the session id's length).
+            (entry for entry in self._folder.glob(f"{PREFIX}{'?' * 36}{self._tag}{SUFFIX}")
+             if entry.is_file()),
             key=lambda entry: entry.stat().st_mtime,
         )
         for stale in files[: max(len(files) - self._keep, 0)]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -26,12 +27,19 @@ async def readyz(request: web.Request) -> web.Response:
     latest = request.app[READINESS].latest
     if not latest.ready:
         raise NotReady(latest.reason)
-    return json_response({
+    body: dict[str, Any] = {
         "status": "ready",
         "database": latest.database,
         "upstream": latest.upstream,
         "checked_seconds_ago": round(time.monotonic() - latest.checked_at, 3),
-    })
+    }
+    if latest.replicas:
+        # Several AI servers: ready while one takes turns; each one's state.
+        body["replicas"] = [
+            {"url": r.url, "state": r.state, "detail": r.detail, "running": r.running}
+            for r in latest.replicas
+        ]
+    return json_response(body)
 
 
 @routes.get("/metrics")

@@ -28,7 +28,15 @@ from ...errors import (
 )
 from ...records import ChatSession, HistoryTurn, Usage
 from ..base import CallObserver, DeltaSink, HealthReport, Reply, TurnContext, no_observer
-from ..http import SMALL_BODY, observed, read_limited, refuse_redirect
+from ..http import (
+    SMALL_BODY,
+    ServerBusy,
+    observed,
+    read_limited,
+    refuse_redirect,
+    retry_after,
+    status_error,
+)
 from ..slots import SlotFiles
 from .slot_table import SlotTable
 from .tokens import TokenCounts
@@ -43,7 +51,7 @@ from .window import (
     window_state,
 )
 from .window import estimate as estimate_of
-from .wire import Answer, ContextExceeded, number, parse_body, read_stream, refuse, retry_after
+from .wire import Answer, ContextExceeded, number, parse_body, read_stream, refuse
 
 log = logging.getLogger(__name__)
 
@@ -109,11 +117,11 @@ class OpenAIClient:
             if response.status in (404, 405, 501):
                 return None
             if response.status in (429, 503):
-                raise UpstreamUnavailable(
+                raise ServerBusy(
                     f"{endpoint} answered {response.status}", retry_after=retry_after(response)
                 )
             if response.status != 200:
-                raise UpstreamError(f"{endpoint} answered {response.status}")
+                raise status_error(response, endpoint)
             try:
                 return jsoncodec.loads(raw)
             except (ValueError, RecursionError):
@@ -276,6 +284,14 @@ class OpenAIClient:
         if answer.prompt_tokens is not None and answer.completion_tokens is not None:
             usage = Usage(answer.prompt_tokens, answer.cached_tokens or 0, answer.completion_tokens)
         return Reply(answer.text, kind, usage, answer.truncated)
+
+    async def recover(self, turn: TurnContext, on_delta: DeltaSink | None) -> Reply:
+        """A turn on a server that may hold none of this conversation (a pool's other replica).
+
+        The history is the bridge's, so this is an ordinary turn: the whole
+        window is sent, and ``ai_session`` says what the server's cache held.
+        """
+        return await self.exchange(turn, on_delta)
 
     async def _complete(
         self,

@@ -14,9 +14,9 @@ from typing import Any
 import aiohttp
 
 from ... import jsoncodec
-from ...errors import UpstreamError, UpstreamUnavailable
+from ...errors import UpstreamError
 from ..base import DeltaSink
-from ..http import SMALL_BODY, read_limited, read_lines
+from ..http import SMALL_BODY, ServerBusy, ServerFailed, read_limited, read_lines, retry_after
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +25,6 @@ STREAM_LINE_LIMIT = 256 * 1024
 # Chunk framing costs a few hundred bytes per piece: the whole stream may be
 # this many times the reply limit.
 STREAM_OVERHEAD = 16
-RETRY_AFTER_DEFAULT = 5
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,11 +44,6 @@ class ContextExceeded(UpstreamError):
 def number(value: object) -> int | None:
     """``value`` if it is a count (a non-negative int, not a bool), else None."""
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
-
-
-def retry_after(response: aiohttp.ClientResponse) -> int:
-    raw = response.headers.get("Retry-After", "")
-    return int(raw) if raw.isdigit() and 0 < int(raw) <= 3600 else RETRY_AFTER_DEFAULT
 
 
 class UsageReader:
@@ -112,7 +106,7 @@ async def refuse(response: aiohttp.ClientResponse, endpoint: str) -> None:
     text = raw[:500].decode("utf-8", "replace")
     log.warning("event=upstream_refused status=%d body=%r", response.status, text)
     if response.status in (429, 503):
-        raise UpstreamUnavailable(
+        raise ServerBusy(
             f"the AI server is busy or loading ({response.status})",
             retry_after=retry_after(response),
         )
@@ -121,6 +115,8 @@ async def refuse(response: aiohttp.ClientResponse, endpoint: str) -> None:
         "exceed" in lowered or "maximum" in lowered or "too long" in lowered
     )):
         raise ContextExceeded("the prompt does not fit the AI server's context")
+    if response.status >= 500:
+        raise ServerFailed(f"{endpoint} answered {response.status}")
     raise UpstreamError(f"{endpoint} answered {response.status}")
 
 
@@ -168,5 +164,5 @@ async def read_stream(
             usage.finish(choice)
             finished = True
     if not finished:
-        raise UpstreamError("the AI server's stream ended before the reply did")
+        raise ServerFailed("the AI server's stream ended before the reply did")
     return usage.answer("".join(pieces))
