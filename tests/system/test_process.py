@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import re
 import socket
+import sys
 import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -558,3 +559,24 @@ async def test_without_a_key_cache_a_revocation_by_another_process_is_at_once(
     status, body = await client.call("GET", "/v1/sessions")
 
     assert status == 401, body
+
+
+async def test_a_missing_database_driver_is_one_line_naming_the_extra(tmp_path: Path) -> None:
+    # The interpreter is told that asyncpg is not installed, as in a plain
+    # `pip install sessionbridge`, then runs the console script's main.
+    blocked = tmp_path / "blocked"
+    blocked.mkdir()
+    (blocked / "asyncpg.py").write_text("raise ImportError('No module named asyncpg')\n")
+    done = await asyncio.create_subprocess_exec(
+        sys.executable, "-c",
+        "import sys; from sessionbridge.cli import main; sys.exit(main(sys.argv[1:]))",
+        "migrate", "--db", "postgresql://bridge@127.0.0.1:9/none",
+        env=clean_env(PYTHONPATH=str(blocked)), cwd=tmp_path,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(done.communicate(), HANG_TIMEOUT)
+    stderr = err.decode()
+
+    assert done.returncode == 2, (out, stderr)
+    assert "pip install 'sessionbridge[postgres]'" in stderr
+    assert "Traceback" not in stderr and len(stderr.strip().splitlines()) == 1, stderr
