@@ -24,12 +24,9 @@ from __future__ import annotations
 import asyncio
 import datetime
 import json
-import os
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -38,7 +35,8 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from llama_server import MODEL_NAME, LlamaServer, LlamaServerFailed, missing_reason
+from llama_server import MODEL_NAME, LlamaServer, missing_reason
+from model_parts import run_part_alone
 from procs import clean_env, create_key, free_port
 
 SCENARIO = (
@@ -457,20 +455,7 @@ async def phase(ctx: Any) -> dict[str, Any]:
 
 
 def main() -> int:
-    workdir = Path(tempfile.mkdtemp(prefix="sessionbridge-real-"))
-    try:
-        result = asyncio.run(measure(workdir))
-    except (LlamaServerFailed, RuntimeError, OSError, aiohttp.ClientError) as exc:
-        print(f"real model: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        if os.environ.get("KEEP_WORKDIR"):
-            print(f"work folder kept: {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
-    print()
-    print_report(result)
-    return 0
+    return run_part_alone("real model", measure, print_report)[0]
 
 
 if __name__ == "__main__":

@@ -30,7 +30,6 @@ import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -39,7 +38,8 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from llama_server import MODEL_NAME, LlamaServer, LlamaServerFailed, missing_reason
+from llama_server import MODEL_NAME, LlamaServer, missing_reason
+from model_parts import run_part_alone
 from procs import clean_env, create_key, free_port
 
 TOPICS = [
@@ -450,23 +450,11 @@ async def phase(ctx: Any) -> dict[str, Any]:
 
 
 def main() -> int:
-    workdir = Path(tempfile.mkdtemp(prefix="sessionbridge-replicas-"))
-    try:
-        result = asyncio.run(measure(workdir))
-    except (LlamaServerFailed, RuntimeError, OSError, aiohttp.ClientError) as exc:
-        print(f"replicas: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        if os.environ.get("KEEP_WORKDIR"):
-            print(f"work folder kept: {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
-    print()
-    print_report(result)
+    status, result = run_part_alone("replicas", measure, print_report)
     out = Path(os.environ.get("REPLICAS_RESULT", ""))
-    if out.name:
+    if result is not None and out.name:
         out.write_text(json.dumps(result, indent=2) + "\n")
-    return 0
+    return status
 
 
 if __name__ == "__main__":

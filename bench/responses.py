@@ -45,11 +45,9 @@ import asyncio
 import datetime
 import os
 import re
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -58,7 +56,8 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from llama_server import MODEL_ALIAS, MODEL_NAME, LlamaServer, LlamaServerFailed, missing_reason
+from llama_server import MODEL_ALIAS, MODEL_NAME, LlamaServer, missing_reason
+from model_parts import run_part_alone
 from procs import clean_env, create_key, free_port
 from real_model import QUESTIONS, SCENARIO
 
@@ -576,20 +575,7 @@ async def phase(ctx: Any) -> dict[str, Any]:
 
 
 def main() -> int:
-    workdir = Path(tempfile.mkdtemp(prefix="sessionbridge-responses-"))
-    try:
-        result = asyncio.run(measure(workdir))
-    except (LlamaServerFailed, RuntimeError, OSError, aiohttp.ClientError) as exc:
-        print(f"responses: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        if os.environ.get("KEEP_WORKDIR"):
-            print(f"work folder kept: {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
-    print()
-    print_report(result)
-    return 0
+    return run_part_alone("responses", measure, print_report)[0]
 
 
 if __name__ == "__main__":

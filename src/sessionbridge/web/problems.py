@@ -9,10 +9,11 @@ traceback to the client.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
-from aiohttp.typedefs import Handler
+from aiohttp.typedefs import Handler, Middleware
 
 from ..errors import BridgeError, InvalidJSON, MethodNotAllowed, NotFound, TooLarge
 from .jsonhttp import json_response
@@ -57,20 +58,32 @@ def from_http_exception(exc: web.HTTPException) -> BridgeError:
     return error
 
 
-@web.middleware
-async def problem_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    try:
-        return await handler(request)
-    except BridgeError as error:
-        return problem_response(error)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        response = problem_response(from_http_exception(exc))
-        if exc.status == 405:
-            response.headers["Allow"] = exc.headers.get("Allow", "")
-        return response
-    except Exception:
-        # Never a traceback to the client; the log keeps it for the operator.
-        log.exception("event=unhandled_error method=%s path=%s", request.method, request.path)
-        return problem_response(BridgeError("the bridge failed unexpectedly"))
+def errors_answered_by(render: Callable[[BridgeError], web.Response]) -> Middleware:
+    """A middleware that answers every error of the routes it wraps with ``render``'s body.
+
+    The error family as it is; aiohttp's own HTTP errors mapped into it; an
+    unexpected exception as a plain 500 and a log line, never a traceback.
+    """
+
+    @web.middleware
+    async def answer_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except BridgeError as error:
+            return render(error)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            response = render(from_http_exception(exc))
+            if exc.status == 405:
+                response.headers["Allow"] = exc.headers.get("Allow", "")
+            return response
+        except Exception:
+            # Never a traceback to the client; the log keeps it for the operator.
+            log.exception("event=unhandled_error method=%s path=%s", request.method, request.path)
+            return render(BridgeError("the bridge failed unexpectedly"))
+
+    return answer_errors
+
+
+problem_middleware = errors_answered_by(problem_response)

@@ -21,17 +21,13 @@ for every 4xx but 429 (OpenAI answers a wrong API key so too),
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from aiohttp import web
-from aiohttp.typedefs import Handler
 
 from ...errors import BridgeError, ContextLengthExceeded, InvalidField, InvalidJSON, Unsupported
 from ..jsonhttp import json_response
-from ..problems import from_http_exception
-
-log = logging.getLogger(__name__)
+from ..problems import errors_answered_by
 
 
 def error_status(error: BridgeError) -> int:
@@ -77,25 +73,7 @@ def error_response(error: BridgeError) -> web.Response:
     return json_response(error_body(error), status=error_status(error), headers=error.headers())
 
 
-@web.middleware
-async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Answers every error of the routes it wraps with OpenAI's error object.
-
-    It must sit inside (after) the bridge's problem+json middleware, or on
-    a sub-application of its own, so that it sees these routes' errors first.
-    """
-    try:
-        return await handler(request)
-    except BridgeError as error:
-        return error_response(error)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        response = error_response(from_http_exception(exc))
-        if exc.status == 405:
-            response.headers["Allow"] = exc.headers.get("Allow", "")
-        return response
-    except Exception:
-        # Never a traceback to the client; the log keeps it for the operator.
-        log.exception("event=unhandled_error method=%s path=%s", request.method, request.path)
-        return error_response(BridgeError("the bridge failed unexpectedly"))
+# Answers every error of the routes it wraps with OpenAI's error object. It
+# sits inside (after) the bridge's problem+json middleware, so that it sees
+# these routes' errors first.
+error_middleware = errors_answered_by(error_response)
