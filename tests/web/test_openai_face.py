@@ -8,7 +8,6 @@ types parse every object; its exceptions carry the bridge's errors.
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -27,6 +26,7 @@ from sessionbridge.reference.openai_server import (
 )
 from sessionbridge.reference.seed_server import DevServerState
 from tests.conftest import Api, MakeApi
+from tests.doubles import HANG_TIMEOUT, wait_until
 
 FLAVORS = ["seed", "openai"]
 
@@ -268,12 +268,12 @@ async def test_a_background_response_answers_at_once_and_can_be_cancelled(face: 
 
 async def test_a_background_response_completes_and_is_retrieved(face: Face) -> None:
     started = await face.sdk.responses.create(model="any", input="In the back", background=True)
-    for _ in range(200):
-        current = await face.sdk.responses.retrieve(started.id)
-        if current.status == "completed":
-            break
-        await asyncio.sleep(0.05)  # observed state: the response's status
-    assert current.status == "completed" and current.output_text
+
+    async def completed() -> bool:
+        return (await face.sdk.responses.retrieve(started.id)).status == "completed"
+
+    await wait_until(completed, HANG_TIMEOUT, "the background response never completed")
+    assert (await face.sdk.responses.retrieve(started.id)).output_text
 
 
 # -- conversations --------------------------------------------------------------------------
