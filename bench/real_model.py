@@ -25,7 +25,6 @@ import asyncio
 import datetime
 import json
 import statistics
-import subprocess
 import sys
 import time
 import urllib.error
@@ -36,8 +35,7 @@ from typing import Any
 
 import aiohttp
 from llama_server import MODEL_NAME, LlamaServer, missing_reason
-from model_parts import run_part_alone
-from procs import clean_env, create_key, free_port
+from model_parts import ModelBridge, run_part_alone
 
 SCENARIO = (
     "You are the guide of a small maritime museum in a harbour town. The museum has"
@@ -166,59 +164,17 @@ class NaiveClient:
 # -- through the bridge ------------------------------------------------------------------------
 
 
-class BridgeProcess:
-    def __init__(self, workdir: Path, llama: LlamaServer, name: str = "real-bridge") -> None:
-        self.port = free_port()
-        self.db = workdir / f"{name}.db"
-        self.log_path = workdir / f"{name}.log"
-        env = clean_env(
-            SESSIONBRIDGE_UPSTREAM_FLAVOR="openai",
-            SESSIONBRIDGE_UPSTREAM_URL=llama.base_url,
-            SESSIONBRIDGE_SLOT_SAVE="on",
-            SESSIONBRIDGE_SLOT_DIR=str(llama.slot_dir),
-            SESSIONBRIDGE_CONTEXT_TOKENS=str(BUDGET),
-            SESSIONBRIDGE_UPSTREAM_MAX_TOKENS="1-500",
-            SESSIONBRIDGE_UPSTREAM_TIMEOUT=str(TURN_TIMEOUT),
-            SESSIONBRIDGE_LOG_LEVEL="WARNING",
-        )
-        self.token = create_key(self.db)
-        with self.log_path.open("wb") as log:
-            self.popen = subprocess.Popen(
-                [sys.executable, "-m", "sessionbridge", "serve", "--host", "127.0.0.1",
-                 "--port", str(self.port), "--db", str(self.db)],
-                env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-            )
-        self._wait_ready()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def _wait_ready(self) -> None:
-        deadline = time.monotonic() + BRIDGE_READY_DEADLINE
-        while time.monotonic() < deadline:
-            if self.popen.poll() is not None:
-                raise RuntimeError(f"the bridge exited: {self.log_path.read_text()[-2000:]}")
-            try:
-                with urllib.request.urlopen(self.url + "/healthz", timeout=1) as response:
-                    if response.status == 200:
-                        return
-            except (urllib.error.URLError, OSError):
-                pass
-            time.sleep(0.05)
-        raise RuntimeError("the bridge did not become healthy")
-
-    def stop(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.terminate()
-            try:
-                self.popen.wait(30)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait()
+def model_bridge(workdir: Path, llama: LlamaServer, name: str = "real-bridge") -> ModelBridge:
+    """The bridge with slot files on and this part's context budget."""
+    return ModelBridge(
+        workdir, llama.base_url, name,
+        SESSIONBRIDGE_SLOT_SAVE="on",
+        SESSIONBRIDGE_SLOT_DIR=str(llama.slot_dir),
+        SESSIONBRIDGE_CONTEXT_TOKENS=str(BUDGET),
+    )
 
 
-async def bridge_turn(http: aiohttp.ClientSession, bridge: BridgeProcess, session_id: str,
+async def bridge_turn(http: aiohttp.ClientSession, bridge: ModelBridge, session_id: str,
                       question: str) -> tuple[Turn, bool]:
     """One turn as an event stream; (figures, whether it really streamed)."""
     started = time.perf_counter()
@@ -282,14 +238,14 @@ async def measure(workdir: Path) -> dict[str, Any]:
         print(f"  skipped: {reason}", flush=True)
         return {"skipped": reason}
     llama = LlamaServer(workdir / "real-slots", workdir / "llama-server.log")
-    bridge: BridgeProcess | None = None
+    bridge: ModelBridge | None = None
     rows: list[dict[str, Any]] = []
     streamed_all = True
     try:
         print(f"  starting llama-server ({llama.root}) ...", flush=True)
         llama.start()
         _warm_up(llama)
-        bridge = BridgeProcess(workdir, llama)
+        bridge = model_bridge(workdir, llama)
         timeout = aiohttp.ClientTimeout(total=TURN_TIMEOUT)
         async with aiohttp.ClientSession(timeout=timeout) as http:
             async with http.post(
@@ -328,7 +284,7 @@ async def measure(workdir: Path) -> dict[str, Any]:
             # so neither evicts the other's cache.
             await asyncio.to_thread(llama.restart)
             _warm_up(llama)
-            bridge = BridgeProcess(workdir, llama, name="first-token-bridge")
+            bridge = model_bridge(workdir, llama, name="first-token-bridge")
             first_token = await first_token_rounds(http, bridge, llama)
     finally:
         if bridge is not None:
@@ -351,7 +307,7 @@ FIRST_TOKEN_ROUNDS = 11
 
 
 async def first_token_rounds(
-    http: aiohttp.ClientSession, bridge: BridgeProcess, llama: LlamaServer
+    http: aiohttp.ClientSession, bridge: ModelBridge, llama: LlamaServer
 ) -> dict[str, Any]:
     """Time to the first piece: through the bridge, and straight from llama-server.
 

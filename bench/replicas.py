@@ -39,8 +39,8 @@ from typing import Any
 
 import aiohttp
 from llama_server import MODEL_NAME, LlamaServer, missing_reason
-from model_parts import run_part_alone
-from procs import clean_env, create_key, free_port
+from model_parts import ModelBridge, run_part_alone
+from procs import free_port
 
 TOPICS = [
     "a small maritime museum in a harbour town",
@@ -180,63 +180,11 @@ def nginx_missing() -> str | None:
     return None
 
 
-class BridgeProcess:
-    def __init__(self, workdir: Path, upstream: str, name: str) -> None:
-        self.port = free_port()
-        self.db = workdir / f"{name}.db"
-        self.log_path = workdir / f"{name}.log"
-        env = clean_env(
-            SESSIONBRIDGE_UPSTREAM_FLAVOR="openai",
-            SESSIONBRIDGE_UPSTREAM_URL=upstream,
-            SESSIONBRIDGE_UPSTREAM_MAX_TOKENS="1-500",
-            SESSIONBRIDGE_UPSTREAM_TIMEOUT=str(TURN_TIMEOUT),
-            SESSIONBRIDGE_READY_INTERVAL="0.5",
-            SESSIONBRIDGE_LOG_LEVEL="WARNING",
-        )
-        self.token = create_key(self.db)
-        with self.log_path.open("wb") as log:
-            self.popen = subprocess.Popen(
-                [sys.executable, "-m", "sessionbridge", "serve", "--host", "127.0.0.1",
-                 "--port", str(self.port), "--db", str(self.db)],
-                env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-            )
-        deadline = time.monotonic() + READY_DEADLINE
-        while True:
-            if self.popen.poll() is not None:
-                raise RuntimeError(f"the bridge exited: {self.log_path.read_text()[-2000:]}")
-            try:
-                with urllib.request.urlopen(self.url + "/readyz", timeout=2) as response:
-                    if response.status == 200:
-                        return
-            except (urllib.error.URLError, OSError):
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("the bridge did not become ready")
-            time.sleep(0.1)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def metrics(self) -> str:
-        with urllib.request.urlopen(self.url + "/metrics", timeout=10) as response:
-            return str(response.read().decode())
-
-    def stop(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.terminate()
-            try:
-                self.popen.wait(30)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait()
-
-
 # -- the load ----------------------------------------------------------------------------------
 
 
 async def turn(
-    http: aiohttp.ClientSession, bridge: BridgeProcess, session_id: str, conversation: int,
+    http: aiohttp.ClientSession, bridge: ModelBridge, session_id: str, conversation: int,
     question: str,
 ) -> TurnResult:
     started = time.monotonic()
@@ -274,7 +222,7 @@ async def turn(
 
 
 async def conversation(
-    http: aiohttp.ClientSession, bridge: BridgeProcess, number: int, run: Run,
+    http: aiohttp.ClientSession, bridge: ModelBridge, number: int, run: Run,
     answered: asyncio.Event, counter: list[int],
 ) -> None:
     async with http.post(
@@ -303,7 +251,7 @@ async def one_run(workdir: Path, mode: str, kill: bool) -> Run:
         for i in range(2)
     ]
     nginx: Nginx | None = None
-    bridge: BridgeProcess | None = None
+    bridge: ModelBridge | None = None
     run = Run(mode, kill)
     try:
         for llama in llamas:
@@ -313,7 +261,10 @@ async def one_run(workdir: Path, mode: str, kill: bool) -> Run:
             upstream = nginx.url + "/v1"
         else:
             upstream = ",".join(llama.base_url for llama in llamas)
-        bridge = BridgeProcess(workdir, upstream, f"bridge-{tag}")
+        bridge = ModelBridge(
+            workdir, upstream, f"bridge-{tag}", ready_path="/readyz",
+            SESSIONBRIDGE_READY_INTERVAL="0.5",
+        )
         answered = asyncio.Event()
         counter = [0]
         timeout = aiohttp.ClientTimeout(total=TURN_TIMEOUT)

@@ -46,19 +46,15 @@ import datetime
 import os
 import re
 import statistics
-import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 from llama_server import MODEL_ALIAS, MODEL_NAME, LlamaServer, missing_reason
-from model_parts import run_part_alone
-from procs import clean_env, create_key, free_port
+from model_parts import ModelBridge, run_part_alone
 from real_model import QUESTIONS, SCENARIO
 
 TURNS = 10
@@ -120,61 +116,6 @@ def _openai() -> Any:
 
 
 # -- the bridge --------------------------------------------------------------------------------
-
-
-class Bridge:
-    """The bridge in its default OpenAI-compatible configuration: no slot files."""
-
-    def __init__(self, workdir: Path, llama: LlamaServer) -> None:
-        self.port = free_port()
-        self.db = workdir / "responses-bridge.db"
-        self.log_path = workdir / "responses-bridge.log"
-        env = clean_env(
-            SESSIONBRIDGE_UPSTREAM_FLAVOR="openai",
-            SESSIONBRIDGE_UPSTREAM_URL=llama.base_url,
-            SESSIONBRIDGE_UPSTREAM_MAX_TOKENS="1-500",
-            SESSIONBRIDGE_UPSTREAM_TIMEOUT=str(TURN_TIMEOUT),
-            SESSIONBRIDGE_LOG_LEVEL="WARNING",
-        )
-        self.token = create_key(self.db)
-        with self.log_path.open("wb") as log:
-            self.popen = subprocess.Popen(
-                [sys.executable, "-m", "sessionbridge", "serve", "--host", "127.0.0.1",
-                 "--port", str(self.port), "--db", str(self.db)],
-                env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-            )
-        try:
-            self._wait_ready()
-        except BaseException:
-            self.stop()
-            raise
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def _wait_ready(self) -> None:
-        deadline = time.monotonic() + BRIDGE_READY_DEADLINE
-        while time.monotonic() < deadline:
-            if self.popen.poll() is not None:
-                raise RuntimeError(f"the bridge exited: {self.log_path.read_text()[-2000:]}")
-            try:
-                with urllib.request.urlopen(self.url + "/healthz", timeout=1) as response:
-                    if response.status == 200:
-                        return
-            except (urllib.error.URLError, OSError):
-                pass
-            time.sleep(0.05)
-        raise RuntimeError("the bridge did not become healthy")
-
-    def stop(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.terminate()
-            try:
-                self.popen.wait(30)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait()
 
 
 class BridgeRun:
@@ -375,12 +316,15 @@ async def measure(workdir: Path) -> dict[str, Any]:
         parallel=SLOTS, ctx_size=CTX_SIZE, threads=LLAMA_THREADS,
         extra=("--cache-ram", "0", "--slot-prompt-similarity", "0"),
     )
-    bridge: Bridge | None = None
+    bridge: ModelBridge | None = None
     rows: list[dict[str, Any]] = []
     try:
         print(f"  starting llama-server ({llama.root}, {SLOTS} slots) ...", flush=True)
         await asyncio.to_thread(llama.start)
-        bridge = await asyncio.to_thread(Bridge, workdir, llama)
+        # The bridge in its default OpenAI-compatible configuration: no slot files.
+        bridge = await asyncio.to_thread(
+            ModelBridge, workdir, llama.base_url, "responses-bridge"
+        )
         timeout = aiohttp.ClientTimeout(total=TURN_TIMEOUT)
         async with (
             aiohttp.ClientSession(timeout=timeout) as http,
