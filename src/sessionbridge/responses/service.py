@@ -38,7 +38,6 @@ from .lines import Line, choose_line, plan_turn
 from .records import (
     MESSAGE_ID_PREFIX,
     RESPONSE_ID_PREFIX,
-    InputMessage,
     Item,
     ResponseError,
     ResponseRecord,
@@ -339,8 +338,3 @@ def status_of(row: ResponseRow, background: bool) -> ResponseStatus:
     if question.status == "answered":
         return "incomplete" if row.incomplete else "completed"
     return "cancelled" if question.error_code == "cancelled" else "failed"
-
-
-def input_messages(row: ResponseRow) -> tuple[InputMessage, ...]:
-    body = json.loads(row.body)
-    return tuple(InputMessage(item["role"], tuple(item["texts"])) for item in body["input"])

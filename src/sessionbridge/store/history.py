@@ -6,7 +6,8 @@ store several user items before an answer, and they are given as one user
 message, joined by a blank line, every time, so the prompt stays the same
 bytes from turn to turn. Only answered messages count: a failed or pending
 question, and the context a failed response brought, are left out. User
-messages after the last answer (items a client added) belong to no turn yet.
+messages after the last answer (items a client added) belong to no turn yet;
+the OpenAI face gives them in front of the next question (responses/lines.py).
 """
 
 from __future__ import annotations
@@ -38,14 +39,3 @@ def group_turns(messages: Iterable[StoredMessage]) -> list[HistoryTurn]:
         ))
         run, first_seq = [], None
     return turns
-
-
-def loose_user_texts(messages: Iterable[StoredMessage]) -> list[str]:
-    """The user messages after the last answer: items added that no turn has answered yet."""
-    loose: list[str] = []
-    for _seq, role, content, _usage in messages:
-        if role == "user":
-            loose.append(content)
-        else:
-            loose.clear()
-    return loose
