@@ -272,7 +272,10 @@ async def test_the_model_answers_questions_instead_of_echoing_them(api: Api) -> 
     replies = [a["reply"]["content"] for a in answers]
     on_topic = [question for question, reply in zip(questions, replies, strict=True)
                 if topics[question] & set(words(reply))]
-    closest = max(similarity(a, b) for a, b in itertools.combinations(replies, 2))
+    pairs = sorted(
+        (similarity(a, b) for a, b in itertools.combinations(replies, 2)), reverse=True
+    )
+    closest = pairs[0]
     for question, reply in zip(questions, replies, strict=True):
         measured("chat", f"{question!r} -> {reply!r} (similarity to the question"
                  f" {similarity(question, reply):.2f})")
@@ -287,8 +290,12 @@ async def test_the_model_answers_questions_instead_of_echoing_them(api: Api) -> 
         assert not found, (reply, found)
     # Sampled replies stray now and then: most, not all, are on their question's topic.
     assert len(on_topic) >= 2, replies
-    # Different questions, different replies (SmolLM2's closest pair: about 0.5).
-    assert closest < 0.75, replies
+    # Different questions, different replies. A reply that strays back to the
+    # previous question's topic (seen once in a CI run: two sky answers, 0.84
+    # alike) is the same straying the topic check allows; a model that does
+    # not take turns gives near-identical replies to all (Gemma: up to 1.00).
+    # So of the three pairs, at most one may be alike.
+    assert pairs[1] < 0.75, replies
 
 
 def words(text: str) -> list[str]:
