@@ -73,6 +73,8 @@ class TurnEvents:
     def __init__(self, poller: Poller | None = None) -> None:
         self._events: list[TurnEvent] = []
         self._deltas = 0
+        # A reader was handed a delta: the reply's pieces so far are out.
+        self._deltas_read = False
         self._grown: asyncio.Future[None] | None = None
         self._poller = poller
 
@@ -80,7 +82,22 @@ class TurnEvents:
         return len(self._events)
 
     def since(self, position: int) -> list[TurnEvent]:
+        if self._deltas:
+            self._deltas_read = True
         return self._events[position:]
+
+    def withdraw_deltas(self) -> bool:
+        """Take the reply's pieces back out of the log if no reader was handed one.
+
+        True when the log holds no delta any more (the reply may start
+        afresh, on another AI server); False when a reader may have one.
+        """
+        if self._deltas_read:
+            return False
+        if self._deltas:
+            self._events = [event for event in self._events if event.name != DELTA]
+            self._deltas = 0
+        return True
 
     async def wait_beyond(self, position: int, timeout: float) -> bool:
         """Wait until the log holds more than ``position`` events; False after ``timeout``."""

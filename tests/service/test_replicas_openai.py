@@ -25,9 +25,9 @@ from sessionbridge.reference.openai_server import (
 from sessionbridge.upstream.connect import replica_id
 from sessionbridge.upstream.placement import preference
 from tests.conftest import Api, issue_token
-from tests.doubles import wait_until
+from tests.doubles import FIRST_PIECE_WRITES, ServerGate, wait_until
 from tests.replicas import ReplicaServer
-from tests.sse import Stream, read_events
+from tests.sse import Stream, joined, read_events
 
 STREAM = {"Accept": "text/event-stream"}
 
@@ -37,7 +37,11 @@ class Model:
 
     def __init__(self, slots: Path) -> None:
         self.state = OpenAIReferenceState(slot_save_path=str(slots))
-        self.server = ReplicaServer(lambda: create_openai_reference_app(self.state), "/v1")
+        # Holds the writes of its streamed answers when a test says so.
+        self.gate = ServerGate("/v1/chat/completions")
+        self.server = ReplicaServer(
+            lambda: self.gate.install(create_openai_reference_app(self.state)), "/v1"
+        )
 
     @property
     def url(self) -> str:
@@ -186,14 +190,50 @@ async def test_once_part_of_the_reply_went_out_a_failing_replica_fails_the_turn(
     api = await bridge(aiohttp_client, tmp_path, models)
     home, other = models
     session_id = await conversation_on(api, models, home)
-    home.state.break_after_pieces = 2  # dies mid-reply, after two pieces
+    home.gate.hold_writes_after(FIRST_PIECE_WRITES + 1)  # two pieces, then held
 
-    events = await stream(api, session_id, "message 1")
+    response = await api.send(session_id, "message 1", headers=STREAM)
+    seen = await read_events(response, stop_after_deltas=2)
+    # The client has two pieces; then the replica dies mid-reply.
+    home.state.break_after_pieces = 2
+    home.gate.writes.release()
+    events = joined(seen, await read_events(response))
 
     assert events.names[-1] == "turn.failed", events.names
     assert events.events[-1].data["code"] == "upstream_error"
-    assert len(events.deltas) == 2
+    assert len(events.deltas) >= 2
     assert other.chats() == []  # never asked twice: the client had part of a reply
+    await until_up(api, home, up=False)
+    home.state.break_after_pieces = None
+
+
+async def test_a_reply_cut_off_before_any_client_saw_it_is_answered_afresh_by_the_next(
+    aiohttp_client: AiohttpClient, tmp_path: Path, models: list[Model]
+) -> None:
+    # Nobody follows the turn: the pieces the dying replica sent reached only
+    # the bridge, which takes them back and asks the next replica.
+    api = await bridge(aiohttp_client, tmp_path, models)
+    home, other = models
+    session_id = await conversation_on(api, models, home)
+    await api.say(session_id, "message 1")
+    home.state.break_after_pieces = 2
+
+    body = await api.say(session_id, "message 2")
+
+    assert body["ai_session"] == "recovered", body
+    assert len(other.chats()) == 1
+    reply = body["reply"]["content"]
+    # The stored answer and its replayed events are the next replica's reply
+    # alone, without the cut-off pieces in front.
+    message = await api.request("GET", f"/v1/sessions/{session_id}/messages")
+    stored = [m for m in (await message.json())["messages"] if m["role"] == "assistant"]
+    assert stored[-1]["content"] == reply
+    replay = await read_events(await api.request(
+        "GET", f"/v1/sessions/{session_id}/messages/{body['user_message']['id']}/events",
+        headers=STREAM,
+    ))
+    assert replay.text == reply
+    assert replay.names[-1] == "turn.completed"
     await until_up(api, home, up=False)
     home.state.break_after_pieces = None
 

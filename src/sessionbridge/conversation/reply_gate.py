@@ -40,6 +40,14 @@ class ReplyGate:
             self.sent.append(held)
         self._held.clear()
 
+    def withdraw(self) -> bool:
+        """Take back every piece sent so far if no client was handed one; True if taken back."""
+        if not self._events.withdraw_deltas():
+            return False
+        self.sent.clear()
+        self.discard()
+        return True
+
     def discard(self) -> None:
         """Forget a blank attempt's pieces (none was sent)."""
         self._held.clear()

@@ -416,7 +416,8 @@ class Conversations:
         attempts = 1 + self._limits.empty_reply_retries
         kind: AISessionKind | None = None
         context = TurnContext(
-            self._store, self._rows, session, ask.content, max_tokens, ask.options
+            self._store, self._rows, session, ask.content, max_tokens, ask.options,
+            gate.withdraw,
         )
         for attempt in range(1, attempts + 1):
             reply = await self._ai.exchange(context, gate.push)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 from ..records import ChatSession, HistoryTurn
 from ..store.base import Store
@@ -21,6 +22,7 @@ class TurnContext:
         content: str,
         max_tokens: int,
         options: TurnOptions = NO_OPTIONS,
+        withdraw: Callable[[], bool] = lambda: True,
     ) -> None:
         self._store = store
         self._rows = rows
@@ -32,6 +34,7 @@ class TurnContext:
         # Turns with one key go to one AI server among several: the session's,
         # unless the turn's options name another (a chain of responses).
         self.affinity_key = options.affinity_key or session.id
+        self.withdraw_reply = withdraw
 
     @property
     def state(self) -> str | None:

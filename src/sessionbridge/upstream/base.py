@@ -89,6 +89,15 @@ class TurnContext(Protocol):
         """The answered turns from ``from_seq`` on, oldest first, exactly as stored."""
         ...
 
+    def withdraw_reply(self) -> bool:
+        """Take back the pieces of the reply passed on so far, if no client has seen one.
+
+        True when nothing of the reply is out (none was passed on, or what
+        was is taken back): the turn may be answered afresh, by another AI
+        server. False when a client may have seen part of it.
+        """
+        ...
+
 
 class AIServer(Protocol):
     """One AI server, whatever protocol it speaks."""

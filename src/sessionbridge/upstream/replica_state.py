@@ -108,6 +108,9 @@ class ReplicaTurn:
     async def history(self, from_seq: int = 0) -> list[HistoryTurn]:
         return await self._outer.history(from_seq)
 
+    def withdraw_reply(self) -> bool:
+        return self._outer.withdraw_reply()
+
     async def answered(self) -> None:
         """This replica answered the turn: record that only it holds every turn now."""
         if self._state is not None and self._held.answered_on(self._replica, self._state):

@@ -15,7 +15,8 @@ so the conversation rules know nothing of replicas (docs/ai-servers.md).
   transcript; OpenAI-compatible: the whole history, ``recovered``).
 - **Failover.** A replica that fails a turn (``replica_health.py``) is out
   until its health probe passes again; the turn is asked once more on the
-  next replica if none of its reply has been passed on, so the client sees
+  next replica if no client has seen any of its reply (a reply streamed to
+  nobody is taken back, ``TurnContext.withdraw_reply``), so the client sees
   no error.
 """
 
@@ -105,9 +106,10 @@ class ReplicaPool:
             if not is_replica_fault(exc):
                 raise
             first.failed(exc)
-            # Asked again only if nothing of the reply went out, and only once.
-            if passed:
+            # Asked again only if no client has seen any of the reply, and only once.
+            if passed and not turn.withdraw_reply():
                 raise
+            passed = False
             after = [r for r in self.order(turn.affinity_key) if r is not first and r.usable]
             if not after:
                 raise
