@@ -10,6 +10,7 @@ replicas' own sessions and counters say.
 
 from __future__ import annotations
 
+import collections
 import itertools
 import re
 from collections.abc import AsyncIterator
@@ -22,7 +23,7 @@ from pytest_aiohttp import AiohttpClient
 from sessionbridge.app import create_app
 from sessionbridge.config import Settings, TokenRange
 from sessionbridge.reference.seed_server import DevServerState, create_devserver_app
-from sessionbridge.upstream.placement import preference
+from sessionbridge.upstream.placement import LOAD_FACTOR, place, preference
 from tests.conftest import Api, issue_token
 from tests.doubles import wait_until
 from tests.replicas import ReplicaServer, sessions_of
@@ -72,6 +73,9 @@ async def bridge(
         "upstream_timeout": 5.0,
         "health_timeout": 0.5,
         "ready_interval": 0.05,
+        # Placement by hashing alone, so that a test knows where each conversation
+        # goes; the load bound's tests say otherwise.
+        "replica_load_factor": 0,
         **changes,
     })
     client = await aiohttp_client(create_app(settings))
@@ -152,19 +156,30 @@ async def until_up(api: Api, seed: Seed, up: bool = True) -> None:
 async def test_each_conversation_is_answered_by_its_first_choice_and_stays_there(
     aiohttp_client: AiohttpClient, tmp_path: Path, seeds: list[Seed]
 ) -> None:
-    api = await bridge(aiohttp_client, tmp_path, seeds)
+    api = await bridge(aiohttp_client, tmp_path, seeds, replica_load_factor=LOAD_FACTOR)
     conversations = {}
     for number in range(24):
         session_id = await api.new_session(f"Conversation {number}. You are a tutor.")
         conversations[session_id] = f"Conversation {number}."
+    # Where each goes: its first choice, unless that one already holds its
+    # share of the conversations placed before it (the load bound).
+    urls = [seed.url for seed in seeds]
+    by_url = {seed.url: seed for seed in seeds}
+    held: collections.Counter[str] = collections.Counter()
+    placed = {}
+    for session_id in conversations:
+        url = place(session_id, urls, held)[0]
+        held[url] += 1
+        placed[session_id] = by_url[url]
 
     for turn in range(1, 4):
         for session_id in conversations:
             body = await api.say(session_id, f"message {turn}")
             assert body["ai_session"] == ("created" if turn == 1 else "reused"), body
 
+    assert sum(1 for s in conversations if placed[s] is first_choice(s, seeds)) >= 18
     for session_id, mark in conversations.items():
-        home = first_choice(session_id, seeds)
+        home = placed[session_id]
         for seed in seeds:
             held = sessions_of(seed.state, mark)
             if seed is home:

@@ -86,7 +86,7 @@ def test_1000_conversations_spread_over_3_replicas_within_ten_percent_of_a_fair_
     assert all(0.9 * fair <= count <= 1.1 * fair for count in counts.values())
 
 
-def test_1000_running_turns_stay_within_the_load_bound() -> None:
+def test_1000_conversations_placed_one_by_one_stay_within_the_load_bound() -> None:
     running: collections.Counter[str] = collections.Counter()
     for key in session_ids(1000):
         bound = load_bound(sum(running.values()), len(REPLICAS))
@@ -116,6 +116,35 @@ def test_below_the_bound_a_conversation_goes_to_its_first_choice() -> None:
     assert place(key, REPLICAS, {first: LOAD_FLOOR})[0] == preference(key, REPLICAS)[1]
     # Without a bound (factor 0) the first choice always answers.
     assert place(key, REPLICAS, {first: 1000}, factor=0)[0] == first
+
+
+def test_with_room_in_the_caches_no_replica_takes_more_conversations_than_its_slots() -> None:
+    # Eight conversations, two replicas of four slots: hashing alone would put
+    # five or more on one of them in most draws, and one would lose its cache.
+    two = REPLICAS[:2]
+    slots = {replica: 4 for replica in two}
+    for draw in range(50):
+        held: collections.Counter[str] = collections.Counter()
+        for key in session_ids(8, seed=draw):
+            held[place(key, two, held, capacity=slots)[0]] += 1
+        assert held == {two[0]: 4, two[1]: 4}, (draw, held)
+
+
+def test_a_conversation_stays_where_it_is_held_while_its_first_choice_is_full() -> None:
+    key = session_ids(1)[0]
+    first, second, third = preference(key, REPLICAS)
+    slots = {replica: 4 for replica in REPLICAS}
+    full = {first: 4, second: 2, third: 0}
+
+    # Held by its second choice (sent there when the first was full): it stays,
+    # though the third has more room; a new conversation would go there too.
+    assert place(key, REPLICAS, full, holding={second}, capacity=slots)[0] == second
+    assert place(key, REPLICAS, full, capacity=slots)[0] == second
+    # Its first choice has room again: it goes back.
+    assert place(key, REPLICAS, {**full, first: 2}, holding={second}, capacity=slots)[0] == first
+    # Every cache is full: the fair bound alone applies, and its first choice may take it.
+    everywhere = {first: 4, second: 4, third: 4}
+    assert place(key, REPLICAS, everywhere, holding={second}, capacity=slots)[0] == first
 
 
 @given(
@@ -157,3 +186,18 @@ def test_a_state_from_one_ai_server_is_held_by_no_replica_but_carried() -> None:
 
     unreadable = Held.parse(PREFIX + "{not json")
     assert not unreadable.empty and unreadable.entries == {}
+
+
+def test_the_state_keeps_the_home_a_conversation_was_placed_on() -> None:
+    held = Held.parse(None)
+    held.settle("aaaa0001")
+    held.settle("bbbb0002")  # placed once: a failover does not move its home
+    assert held.home == "aaaa0001"
+    # The first answer stores the home, even where the entries are as they were.
+    held.entries["aaaa0001"] = "ai-session-on-a"
+    assert held.answered_on("aaaa0001", "ai-session-on-a")
+    again = Held.parse(held.encode())
+    assert again.home == "aaaa0001" and again.entries == {"aaaa0001": "ai-session-on-a"}
+    again.settle("bbbb0002")
+    assert not again.answered_on("aaaa0001", "ai-session-on-a")  # nothing new to store
+    assert Held.parse(PREFIX + '{"held": {}, "home": 7}').home is None

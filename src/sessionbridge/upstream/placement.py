@@ -7,10 +7,15 @@ depends on its key and the set of healthy replicas only, and bridges
 sharing a database agree without talking; a replica that goes or comes back
 moves only the keys whose first choice it is.
 
-The load bound keeps one replica from running far more than its share of
-turns when the keys that happen to be running crowd onto it: a replica
-already running ``load_bound(running, healthy)`` turns is passed over for
-the key's next choice. Every function here is pure.
+The load bound keeps one replica from holding far more than its share of the
+conversations when the keys that happen to be in use crowd onto it: a
+replica already holding ``load_bound(held, healthy)`` conversations takes no
+other, and the key goes to its next choice; where the replicas say how many
+conversations they keep cached at once (llama.cpp's slots) and there is
+room for every conversation somewhere, no replica takes more than that. A
+conversation a replica already holds stays there while every earlier choice
+is full, since moving it would throw its cache away. Every function here is
+pure.
 """
 
 from __future__ import annotations
@@ -18,9 +23,9 @@ from __future__ import annotations
 import hashlib
 import math
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
-# A replica may run this many times its fair share of the running turns ...
+# A replica may hold this many times its fair share of the conversations ...
 LOAD_FACTOR = 1.25
 # ... and always at least this many.
 LOAD_FLOOR = 2
@@ -39,33 +44,45 @@ def preference(key: str, replicas: Sequence[str]) -> list[str]:
     return sorted(replicas, key=lambda replica: (weight(key, replica), replica), reverse=True)
 
 
-def load_bound(running: int, replicas: int, factor: float = LOAD_FACTOR) -> int:
-    """How many turns a replica may be running when one more among ``running`` is placed.
+def load_bound(held: int, replicas: int, factor: float = LOAD_FACTOR) -> int:
+    """How many conversations a replica may hold when one more among ``held`` is placed.
 
-    ``ceil(factor * (running + 1) / replicas)``, at least ``LOAD_FLOOR``. As
+    ``ceil(factor * (held + 1) / replicas)``, at least ``LOAD_FLOOR``. As
     ``factor`` > 1, some replica is always below it. ``factor`` 0: no bound.
     """
     if factor <= 0 or replicas <= 0:
         return sys.maxsize
-    return max(LOAD_FLOOR, math.ceil(factor * (running + 1) / replicas))
+    return max(LOAD_FLOOR, math.ceil(factor * (held + 1) / replicas))
 
 
 def place(
     key: str,
     replicas: Sequence[str],
-    running: Mapping[str, int],
+    held: Mapping[str, int],
     factor: float = LOAD_FACTOR,
+    *,
+    holding: Collection[str] = (),
+    capacity: Mapping[str, int | None] | None = None,
 ) -> list[str]:
     """The replicas to try for one turn of ``key``, in order.
 
-    The key's preference, except that the first replica below the load bound
-    goes first (with no bound reached, that is the first choice itself).
+    ``held``: how many conversations each replica holds; ``holding``: the
+    replicas that hold this one (its cache is there); ``capacity``: how many
+    conversations each keeps cached at once, where known. The key's
+    preference, except that the first replica with room for it goes first:
+    one that holds it, or holds fewer than the bound (with room everywhere,
+    that is the first choice itself).
     """
     order = preference(key, replicas)
-    if not order:
+    if not order or factor <= 0:
         return order
-    bound = load_bound(sum(running.get(r, 0) for r in order), len(order), factor)
+    total = sum(held.get(r, 0) for r in order)
+    bound = load_bound(total, len(order), factor)
+    caps = [capacity.get(r) for r in order] if capacity else []
+    # Room for every conversation in the replicas' caches: keep each within its own.
+    within_caches = bool(caps) and all(caps) and total < sum(c or 0 for c in caps)
     for index, replica in enumerate(order):
-        if running.get(replica, 0) < bound:
+        limit = min(bound, caps[index] or bound) if within_caches else bound
+        if replica in holding or held.get(replica, 0) < limit:
             return [replica, *order[:index], *order[index + 1 :]]
     return order

@@ -32,6 +32,11 @@ class ReplicaAdapter(AIServer, Protocol):
         """Answer on this server though it holds no up-to-date copy of the conversation."""
         ...
 
+    @property
+    def cache_slots(self) -> int | None:
+        """How many conversations it keeps cached at once (llama.cpp's slots); None: unknown."""
+        ...
+
 
 def is_replica_fault(exc: BaseException) -> bool:
     """Whether the failure is the replica's own (another may answer), not the request's."""

@@ -3,9 +3,11 @@
 One AI session per replica: the state the bridge stores for a conversation
 (``TurnContext.state``) becomes, with several replicas,
 
-    replicas/1 {"held": {"<replica id>": "<that replica's adapter state>", ...}}
+    replicas/1 {"held": {"<replica id>": "<that replica's adapter state>", ...},
+                "home": "<replica id>"}
 
-where ``held`` lists the replicas whose AI session holds **every answered
+where ``home`` is the replica its first turn was placed on (where it goes
+while that one takes turns), and ``held`` lists the replicas whose AI session holds **every answered
 turn** of the conversation, each with its adapter's own state (the seed
 protocol's AI session id there, the OpenAI adapter's window). When a turn is
 answered on one replica every other entry goes: their AI sessions now lack
@@ -40,6 +42,9 @@ class Held:
     entries: dict[str, str] = field(default_factory=dict)
     # A state written with one AI server (no prefix): held by no replica here.
     single: str | None = None
+    # The replica the conversation was placed on; None until it is placed.
+    home: str | None = None
+    _home_set: bool = field(default=False, repr=False, compare=False)
 
     @classmethod
     def parse(cls, state: str | None) -> Held:
@@ -55,10 +60,24 @@ class Held:
         if not isinstance(held, dict):
             # Unreadable: held by no replica, and not a first turn either.
             return cls(single=state)
-        return cls({k: v for k, v in held.items() if isinstance(k, str) and isinstance(v, str)})
+        home = document.get("home")
+        return cls(
+            {k: v for k, v in held.items() if isinstance(k, str) and isinstance(v, str)},
+            home=home if isinstance(home, str) else None,
+        )
 
     def encode(self) -> str:
-        return PREFIX + jsoncodec.dumps({"held": self.entries}).decode("utf-8")
+        self._home_set = False  # stored with what is encoded now
+        document: dict[str, object] = {"held": self.entries}
+        if self.home is not None:
+            document["home"] = self.home
+        return PREFIX + jsoncodec.dumps(document).decode("utf-8")
+
+    def settle(self, replica: str) -> None:
+        """The conversation is placed on ``replica``: its home, unless it has one."""
+        if self.home is None:
+            self.home = replica
+            self._home_set = True
 
     @property
     def empty(self) -> bool:
@@ -73,8 +92,9 @@ class Held:
 
     def answered_on(self, replica: str, state: str) -> bool:
         """A turn was answered on ``replica``: only it holds every turn now. Changed?"""
+        home_set, self._home_set = self._home_set, False
         if self.single is None and self.entries == {replica: state}:
-            return False
+            return home_set
         self.entries = {replica: state}
         self.single = None
         return True

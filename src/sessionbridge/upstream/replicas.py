@@ -8,7 +8,9 @@ so the conversation rules know nothing of replicas (docs/ai-servers.md).
 - **Affinity.** A turn goes where ``placement.place`` says for its
   ``affinity_key`` among the replicas that take turns: a conversation stays
   on one replica while that replica is healthy, and goes back to it when it
-  returns.
+  returns. The load is the conversations each replica holds
+  (``residency.py``): a replica at its bound, or with its cache slots full
+  while another has room, takes no new one.
 - **One AI session per replica** (``replica_state.py``): a replica that holds
   every answered turn reuses its AI session; any other recovers the
   conversation there (the seed protocol: a new AI session with the
@@ -34,6 +36,7 @@ from .base import DeltaSink, HealthReport, Reply, TurnContext
 from .placement import LOAD_FACTOR, place, preference
 from .replica_health import Replica, is_replica_fault
 from .replica_state import Held, ReplicaTurn
+from .residency import Residency
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +69,7 @@ class ReplicaPool:
         self._load_factor = load_factor
         self._ready_grace = ready_grace
         self.last_success: float | None = None
+        self._residency = Residency()
         for replica in self.replicas:
             replica.on_change = self._changed
             metrics.set_replica_healthy(replica.url, replica.usable)
@@ -75,17 +79,31 @@ class ReplicaPool:
 
     # -- where a turn goes -----------------------------------------------------------
 
-    def order(self, key: str) -> list[Replica]:
+    def order(self, key: str, held: Held | None = None) -> list[Replica]:
         """The replicas to ask for ``key``, in order: those taking turns, placed.
 
+        ``held``: the conversation's state, naming the replicas that hold it.
         With none taking turns, the key's first choice of all is asked anyway
         (as one AI server would be): it may be back before its probe says so.
         """
-        usable = [r.url for r in self.replicas if r.usable]
+        usable = [r for r in self.replicas if r.usable]
         if not usable:
             return [self._by_url[preference(key, list(self._by_url))[0]]]
-        running = {r.url: r.running for r in self.replicas}
-        return [self._by_url[url] for url in place(key, usable, running, self._load_factor)]
+        if held is not None and held.home is not None:
+            home = next((r for r in usable if r.id == held.home), None)
+            if home is not None:
+                # At home: the rest in the key's order, should home fail this turn.
+                rest = preference(key, [r.url for r in usable if r is not home])
+                return [home, *(self._by_url[url] for url in rest)]
+        holding = {r.url for r in usable if held is not None and r.id in held.entries}
+        where = self._residency.where(key)
+        if where is not None:
+            holding.add(where)
+        order = place(
+            key, [r.url for r in usable], self._residency.counts(), self._load_factor,
+            holding=holding, capacity={r.url: r.adapter.cache_slots for r in usable},
+        )
+        return [self._by_url[url] for url in order]
 
     # -- the AIServer interface ------------------------------------------------------
 
@@ -99,7 +117,9 @@ class ReplicaPool:
             if on_delta is not None:
                 await on_delta(piece)
 
-        first = self.order(turn.affinity_key)[0]
+        first = self.order(turn.affinity_key, held)[0]
+        held.settle(first.id)
+        self._residency.sent(turn.affinity_key, first.url)
         try:
             return await self._turn_on(first, turn, held, sink)
         except Exception as exc:
@@ -110,7 +130,9 @@ class ReplicaPool:
             if passed and not turn.withdraw_reply():
                 raise
             passed = False
-            after = [r for r in self.order(turn.affinity_key) if r is not first and r.usable]
+            after = [
+                r for r in self.order(turn.affinity_key, held) if r is not first and r.usable
+            ]
             if not after:
                 raise
             code = getattr(exc, "code", type(exc).__name__)
@@ -119,6 +141,7 @@ class ReplicaPool:
                 "event=failover session=%s from=%s to=%s reason=%s",
                 turn.session.id, first.url, after[0].url, code,
             )
+            self._residency.sent(turn.affinity_key, after[0].url)
             try:
                 return await self._turn_on(after[0], turn, held, sink)
             except Exception as again:

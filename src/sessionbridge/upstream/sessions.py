@@ -120,6 +120,8 @@ class SessionServerClient:
         self._max_reply_bytes = max_reply_bytes
         self._observe = observe
         self.last_success: float | None = None  # monotonic time of the last good answer
+        # An AI session per conversation, as many as the server keeps: no cache to count.
+        self.cache_slots: int | None = None
 
     # -- the conversation strategy --------------------------------------------------
 

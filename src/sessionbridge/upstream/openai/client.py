@@ -162,6 +162,11 @@ class OpenAIClient:
             )
             return self._info
 
+    @property
+    def cache_slots(self) -> int | None:
+        """How many conversations the server keeps cached at once (llama.cpp's slots), if known."""
+        return self._info.total_slots if self._info is not None else None
+
     async def health(self, timeout: float) -> HealthReport:
         try:
             models = await self._get_json(self._base + "/models", "/models", timeout)
