@@ -1,4 +1,4 @@
-"""Which replica holds each conversation in use (upstream/residency.py): counted, let go, bounded."""
+"""Which replica holds each conversation in use (upstream/residency.py): counted, let go."""
 
 from __future__ import annotations
 
