@@ -19,6 +19,7 @@ import pytest
 from sessionbridge.config import Settings, TokenRange
 from tests.conftest import Api, MakeApi
 from tests.doubles import wait_until
+from tests.sse import joined, read_events
 
 from .conftest import REPLY_TOKENS, TURN_TIMEOUT, launcher, measured
 
@@ -114,3 +115,35 @@ async def replicas_healthy(api: Api) -> bool:
         return False
     body = await response.json()
     return all(r["state"] == "healthy" for r in body.get("replicas", []))
+
+
+async def test_a_server_killed_mid_stream_has_its_reply_finished_by_the_other(
+    make_api: MakeApi, two_llamas: list[Any]
+) -> None:
+    # The client reads the first pieces of a streamed reply; then the server
+    # writing it is killed (kill -9). The other server goes on from those
+    # pieces (llama.cpp's prefill): one reply, no error.
+    api: Api = await make_api()
+    session_id = await api.new_session(SCENARIO, max_tokens=160)
+    await api.say(session_id, "Hello!")
+    before = [prompt_tokens_seen(s) for s in two_llamas]
+    response = await api.send(
+        session_id, "Describe the old town of Lisbon, street by street, in detail.",
+        headers={"Accept": "text/event-stream"},
+    )
+    seen = await read_events(response, stop_after_deltas=3)
+    grown = [prompt_tokens_seen(s) - b for s, b in zip(two_llamas, before, strict=True)]
+    home = 0 if grown[0] > 0 else 1
+    popen = two_llamas[home]._popen
+    popen.send_signal(signal.SIGKILL)
+    popen.wait(30)
+    events = joined(seen, await read_events(response))
+
+    reply = events.events[-1].data.get("reply", {}).get("content", "")
+    measured("replicas", f"killed mid-stream after {len(seen.deltas)} pieces:"
+             f" {events.names[-1]}, {len(events.deltas)} pieces in all")
+    assert events.names[-1] == "turn.completed", events.events[-1]
+    assert events.text == reply and reply.startswith(seen.text) and len(reply) > len(seen.text)
+    assert prompt_tokens_seen(two_llamas[1 - home]) > before[1 - home]
+    messages = await api.messages(session_id)
+    assert messages[-1]["role"] == "assistant" and messages[-1]["content"] == reply

@@ -18,6 +18,7 @@ from pytest_aiohttp import AiohttpClient
 
 from sessionbridge.app import create_app
 from sessionbridge.config import Settings, TokenRange
+from sessionbridge.reference.openai_cache import tokenize
 from sessionbridge.reference.openai_server import (
     OpenAIReferenceState,
     create_openai_reference_app,
@@ -184,26 +185,58 @@ async def test_a_busy_replica_is_passed_over_and_the_turn_answered_by_the_next(
     assert len(other.chats()) == 1
 
 
-async def test_once_part_of_the_reply_went_out_a_failing_replica_fails_the_turn(
+async def test_a_reply_cut_off_after_a_client_had_part_of_it_is_finished_by_the_next(
     aiohttp_client: AiohttpClient, tmp_path: Path, models: list[Model]
 ) -> None:
     api = await bridge(aiohttp_client, tmp_path, models)
     home, other = models
     session_id = await conversation_on(api, models, home)
+    await api.say(session_id, "message 1")
     home.gate.hold_writes_after(FIRST_PIECE_WRITES + 1)  # two pieces, then held
 
-    response = await api.send(session_id, "message 1", headers=STREAM)
+    response = await api.send(session_id, "message 2", headers=STREAM)
     seen = await read_events(response, stop_after_deltas=2)
     # The client has two pieces; then the replica dies mid-reply.
     home.state.break_after_pieces = 2
     home.gate.writes.release()
     events = joined(seen, await read_events(response))
 
+    assert events.names[-1] == "turn.completed", events.names
+    reply = events.events[-1].data["reply"]["content"]
+    # One reply, as one server would have given it: the next replica went
+    # on from the pieces the client had (sent as the reply's start).
+    # (default_max_tokens 20: the reference reply's first 20 tokens)
+    assert reply == "".join(tokenize("Reply 2: I see 2 earlier messages; you said: message 2")[:20])
+    assert events.text == reply
+    assert reply.startswith(seen.text) and len(seen.deltas) == 2
+    (asked,) = other.chats()
+    start = asked["messages"][-1]
+    assert start["role"] == "assistant" and start["content"].startswith(seen.text)
+    assert reply.startswith(start["content"]) and len(start["content"]) < len(reply)
+    await until_up(api, home, up=False)
+    home.state.break_after_pieces = None
+
+
+async def test_a_reply_begun_elsewhere_fails_where_the_next_server_cannot_go_on_with_it(
+    aiohttp_client: AiohttpClient, tmp_path: Path, models: list[Model]
+) -> None:
+    # vLLM answers a last assistant message as a finished one: not asked.
+    for model in models:
+        model.state.kind = "vllm"
+    api = await bridge(aiohttp_client, tmp_path, models)
+    home, other = models
+    session_id = await conversation_on(api, models, home)
+    home.gate.hold_writes_after(FIRST_PIECE_WRITES + 1)
+
+    response = await api.send(session_id, "message 1", headers=STREAM)
+    seen = await read_events(response, stop_after_deltas=2)
+    home.state.break_after_pieces = 2
+    home.gate.writes.release()
+    events = joined(seen, await read_events(response))
+
     assert events.names[-1] == "turn.failed", events.names
     assert events.events[-1].data["code"] == "upstream_error"
-    assert len(events.deltas) >= 2
-    assert other.chats() == []  # never asked twice: the client had part of a reply
-    await until_up(api, home, up=False)
+    assert other.chats() == []
     home.state.break_after_pieces = None
 
 

@@ -25,7 +25,9 @@ llama-server 11434.0.0 here; docs/ai-servers.md has what was measured):
   there (``finish_reason: "length"``); streams start with a role-only delta
   whose ``content`` is null and carry ``timings`` on the last chunk; ``usage``
   comes (as its own ``choices: []`` chunk) only with
-  ``stream_options.include_usage``. ``/health`` needs no API key, the rest does.
+  ``stream_options.include_usage``; a last ``assistant`` message is the start
+  of the reply, which goes on from it (llama.cpp's prefill). ``/health``
+  needs no API key, the rest does.
 - vLLM: no ``/props`` or ``/slots``; ``/v1/models`` entries carry
   ``max_model_len``; ``/tokenize`` takes ``prompt`` or ``messages`` (not
   llama.cpp's ``content``) and answers ``count``; ``usage`` has
@@ -486,9 +488,12 @@ def _reply_pieces(state: OpenAIReferenceState, text: str) -> list[str]:
 
 
 def _reply(
-    state: OpenAIReferenceState, messages: list[dict[str, str]], limit: int | None
+    state: OpenAIReferenceState,
+    messages: list[dict[str, str]],
+    limit: int | None,
+    start: str = "",
 ) -> tuple[str, str]:
-    """The reply text and its finish_reason."""
+    """The reply text and its finish_reason; after ``start``, what follows it."""
     if state.empty_replies > 0:
         state.empty_replies -= 1
         return "", "stop"
@@ -497,7 +502,10 @@ def _reply(
         return " \n\t ", "stop"
     if state.reply_text is not None:
         return state.reply_text, "stop"
-    tokens = tokenize(reply_for(messages))
+    whole = reply_for(messages)
+    # The deterministic reply goes on where ``start`` ends (the whole of it
+    # if ``start`` is not its beginning).
+    tokens = tokenize(whole[len(start):] if whole.startswith(start) else whole)
     if limit is not None and len(tokens) > limit:
         return "".join(tokens[: max(limit, 0)]), "length"
     return "".join(tokens), "stop"
@@ -571,7 +579,13 @@ async def _handle_chat(request: web.Request) -> web.StreamResponse:
             id_slot = None
         cache_prompt = body.get("cache_prompt") is not False
 
+    # llama.cpp goes on with a last assistant message instead of answering it
+    # (its prefill, on unless started with --no-prefill-assistant).
+    start_of_reply = ""
+    if state.kind == "llama.cpp" and messages and messages[-1]["role"] == "assistant":
+        start_of_reply = messages.pop()["content"]
     prompt = [token_id(piece) for piece in prompt_pieces(messages)]
+    prompt += [token_id(piece) for piece in tokenize(start_of_reply)]
     _context_check(state, prompt, max_tokens)
     if state.break_after_pieces is not None and not stream:
         # A whole answer cannot break halfway: the server "dies" before it.
@@ -590,7 +604,7 @@ async def _handle_chat(request: web.Request) -> web.StreamResponse:
             # Generation stops where the slot ends.
             room = state.slot_ctx - len(prompt)
             limit = room if limit is None else min(limit, room)
-        text, finish_reason = _reply(state, messages, limit)
+        text, finish_reason = _reply(state, messages, limit, start_of_reply)
         turn = Turn(
             kind=state.kind,
             model=state.model,

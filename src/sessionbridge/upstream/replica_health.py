@@ -25,11 +25,23 @@ from .http import ServerBusy, ServerFailed
 log = logging.getLogger(__name__)
 
 
+class CannotContinue(Exception):
+    """This server cannot go on with a reply another one began."""
+
+
 class ReplicaAdapter(AIServer, Protocol):
     """An adapter one replica is spoken to with: the AIServer interface, and recovery on demand."""
 
     async def recover(self, turn: TurnContext, on_delta: DeltaSink | None) -> Reply:
         """Answer on this server though it holds no up-to-date copy of the conversation."""
+        ...
+
+    async def continue_reply(self, turn: TurnContext, start: str, on_delta: DeltaSink) -> Reply:
+        """Go on with a reply that another replica began, ``start`` being what a client has.
+
+        Returns the whole reply (``start`` and what follows); raises
+        :class:`CannotContinue` where the server cannot.
+        """
         ...
 
     @property

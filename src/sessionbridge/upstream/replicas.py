@@ -34,7 +34,7 @@ from ..errors import UpstreamUnavailable
 from ..records import ChatSession, Usage
 from .base import DeltaSink, HealthReport, Reply, TurnContext
 from .placement import LOAD_FACTOR, place, preference
-from .replica_health import Replica, is_replica_fault
+from .replica_health import CannotContinue, Replica, is_replica_fault
 from .replica_state import Held, ReplicaTurn
 from .residency import Residency
 
@@ -109,11 +109,10 @@ class ReplicaPool:
 
     async def exchange(self, turn: TurnContext, on_delta: DeltaSink | None) -> Reply:
         held = Held.parse(turn.state)
-        passed = False
+        passed: list[str] = []  # the pieces of the reply passed on
 
         async def sink(piece: str) -> None:
-            nonlocal passed
-            passed = True
+            passed.append(piece)
             if on_delta is not None:
                 await on_delta(piece)
 
@@ -126,10 +125,12 @@ class ReplicaPool:
             if not is_replica_fault(exc):
                 raise
             first.failed(exc)
-            # Asked again only if no client has seen any of the reply, and only once.
+            # Asked once more. A client may have part of the reply: the next
+            # replica goes on from there, where it can; otherwise it answers afresh.
+            start = ""
             if passed and not turn.withdraw_reply():
-                raise
-            passed = False
+                start = "".join(passed)
+            passed.clear()
             after = [
                 r for r in self.order(turn.affinity_key, held) if r is not first and r.usable
             ]
@@ -143,26 +144,33 @@ class ReplicaPool:
             )
             self._residency.sent(turn.affinity_key, after[0].url)
             try:
-                return await self._turn_on(after[0], turn, held, sink)
+                return await self._turn_on(after[0], turn, held, sink, start)
+            except CannotContinue:
+                raise exc from None
             except Exception as again:
                 if is_replica_fault(again):
                     after[0].failed(again)
                 raise
 
     async def _turn_on(
-        self, replica: Replica, turn: TurnContext, held: Held, on_delta: DeltaSink
+        self, replica: Replica, turn: TurnContext, held: Held, on_delta: DeltaSink,
+        start: str = "",
     ) -> Reply:
         own = held.entries.get(replica.id)
         context = ReplicaTurn(turn, held, replica.id, own if own is not None else held.carried())
         replica.running += 1
         try:
-            if own is not None or held.empty:
+            if start:
+                # A client has the start of the reply, begun by another replica.
+                reply = await replica.adapter.continue_reply(context, start, on_delta)
+            elif own is not None or held.empty:
                 reply = await replica.adapter.exchange(context, on_delta)
             else:
                 # Not held here, or stale: recovered with the whole history, never reused.
                 reply = await replica.adapter.recover(context, on_delta)
         except Exception as exc:
-            self._metrics.count_replica_turn(replica.url, getattr(exc, "code", "error"))
+            if not isinstance(exc, CannotContinue):
+                self._metrics.count_replica_turn(replica.url, getattr(exc, "code", "error"))
             raise
         finally:
             replica.running -= 1

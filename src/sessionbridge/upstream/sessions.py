@@ -28,6 +28,7 @@ from ..errors import SessionLost, UpstreamError
 from ..records import AISessionKind, ChatSession, HistoryTurn, TranscriptTurn
 from .base import CallObserver, DeltaSink, HealthReport, Reply, TurnContext, no_observer
 from .http import SMALL_BODY, observed, read_limited, refuse_redirect, status_error
+from .replica_health import CannotContinue
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +157,11 @@ class SessionServerClient:
             # that carries the scenario and the recent transcript, then the message.
             return await self._recover(turn, on_delta, "recovered")
         return await self._passed_on(text, kind, on_delta)
+
+    async def continue_reply(self, turn: TurnContext, start: str, on_delta: DeltaSink) -> Reply:
+        # Never needed: a reply of this protocol arrives whole, so no piece of
+        # it is out before the server has answered.
+        raise CannotContinue("the seed protocol cannot go on with a reply begun elsewhere")
 
     async def recover(self, turn: TurnContext, on_delta: DeltaSink | None) -> Reply:
         """Answer on a new AI session that carries the conversation so far.

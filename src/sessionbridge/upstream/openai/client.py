@@ -37,6 +37,7 @@ from ..http import (
     retry_after,
     status_error,
 )
+from ..replica_health import CannotContinue
 from ..slots import SlotFiles
 from .slot_table import SlotTable
 from .tokens import TokenCounts
@@ -232,6 +233,24 @@ class OpenAIClient:
     # -- one turn -------------------------------------------------------------------------
 
     async def exchange(self, turn: TurnContext, on_delta: DeltaSink | None) -> Reply:
+        return await self._exchange(turn, on_delta)
+
+    async def continue_reply(self, turn: TurnContext, start: str, on_delta: DeltaSink) -> Reply:
+        """Go on with a reply another replica began, whose ``start`` a client already has.
+
+        The history is sent with ``start`` as the last, unfinished assistant
+        message, which llama.cpp's server continues (it prefills the reply
+        with it unless started with ``--no-prefill-assistant``). Other servers
+        would answer it as a finished message: they are not asked.
+        """
+        info = await self.server_info()
+        if info.total_slots is None:
+            raise CannotContinue("only llama.cpp's server is known to continue a reply")
+        return await self._exchange(turn, on_delta, start)
+
+    async def _exchange(
+        self, turn: TurnContext, on_delta: DeltaSink | None, start_of_reply: str = ""
+    ) -> Reply:
         info = await self.server_info()
         session = turn.session
         first = turn.state is None
@@ -251,6 +270,11 @@ class OpenAIClient:
         else:
             estimate = fixed + estimate_of(history, ratio)
         trimmed = False
+        max_tokens = turn.max_tokens
+        started = 0
+        if start_of_reply:
+            started = await self._count_tokens(start_of_reply, info)
+            max_tokens = max(1, max_tokens - started)
         if estimate + turn.max_tokens > info.context_tokens and not turn.trim:
             raise ContextLengthExceeded(
                 f"the conversation needs about {estimate + turn.max_tokens} tokens with its"
@@ -260,7 +284,9 @@ class OpenAIClient:
             history = trim(history, fixed, turn.max_tokens, ratio, info.context_tokens // 2)
             trimmed = True
         try:
-            answer, restored = await self._complete(info, session, history, turn, on_delta)
+            answer, restored = await self._complete(
+                info, session, history, turn, on_delta, start_of_reply, max_tokens
+            )
         except ContextExceeded:
             if not turn.trim:
                 raise ContextLengthExceeded(
@@ -271,7 +297,9 @@ class OpenAIClient:
             # The estimate was short: trim further, once.
             history = trim(history, fixed, turn.max_tokens, ratio, info.context_tokens // 4)
             trimmed = True
-            answer, restored = await self._complete(info, session, history, turn, on_delta)
+            answer, restored = await self._complete(
+                info, session, history, turn, on_delta, start_of_reply, max_tokens
+            )
         new_start = history[0].seq if history else (last.seq + 2 if last is not None else 0)
         if first or (trimmed and new_start != start):
             await turn.save_state(window_state(new_start))
@@ -287,8 +315,10 @@ class OpenAIClient:
             self._count_slot_action("restore", "missed")
         usage = None
         if answer.prompt_tokens is not None and answer.completion_tokens is not None:
-            usage = Usage(answer.prompt_tokens, answer.cached_tokens or 0, answer.completion_tokens)
-        return Reply(answer.text, kind, usage, answer.truncated)
+            usage = Usage(
+                answer.prompt_tokens, answer.cached_tokens or 0, answer.completion_tokens + started
+            )
+        return Reply(start_of_reply + answer.text, kind, usage, answer.truncated)
 
     async def recover(self, turn: TurnContext, on_delta: DeltaSink | None) -> Reply:
         """A turn on a server that may hold none of this conversation (a pool's other replica).
@@ -305,11 +335,16 @@ class OpenAIClient:
         history: list[HistoryTurn],
         turn: TurnContext,
         on_delta: DeltaSink | None,
+        start_of_reply: str,
+        max_tokens: int,
     ) -> tuple[Answer, bool]:
+        messages = build_messages(session.scenario, history, turn.content)
+        if start_of_reply:
+            messages.append({"role": "assistant", "content": start_of_reply})
         payload: dict[str, Any] = {
             "model": info.model,
-            "messages": build_messages(session.scenario, history, turn.content),
-            "max_tokens": turn.max_tokens,
+            "messages": messages,
+            "max_tokens": max_tokens,
             **turn.sampling,
             "stream": True,
             "stream_options": {"include_usage": True},
