@@ -173,6 +173,8 @@ async def test_keys_create_list_revoke_and_migrate_on_fresh_databases(
     assert first.returncode == 0, first.stderr
     applied = re.search(r"applied (\d+)", first.stdout)
     assert applied is not None and int(applied.group(1)) >= 1, first.stdout
+    # One line: nothing of the migration tool's own output.
+    assert first.stdout == f"applied {applied.group(1)} migration(s) to {migrated_db}\n"
     tables = {row[0] for row in query(migrated_db, "SELECT name FROM sqlite_master")}
     assert {"api_keys", "chat_sessions", "messages", "idempotency_keys"} <= tables
     schema_before = query(migrated_db, "SELECT type, name, sql FROM sqlite_master ORDER BY name")

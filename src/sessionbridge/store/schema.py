@@ -6,11 +6,12 @@ run before the event loop starts or through ``asyncio.to_thread``.
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stdout
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +105,17 @@ def _backend(db_path: str) -> Iterator[DatabaseBackend]:
         backend.connection.close()
 
 
+def _quietly(run: Any, steps: Any) -> None:
+    """Apply or roll back ``steps`` without yoyo's tables on stdout.
+
+    yoyo prints the rows of every statement that has a result description;
+    SQLite gives one to an ALTER TABLE ... ADD COLUMN with a CHECK (its own
+    constraint check), so a fresh database printed an empty table at start.
+    """
+    with redirect_stdout(io.StringIO()):
+        run(steps)
+
+
 def apply_migrations(db_path: str) -> int:
     """Apply pending migrations; return how many were applied."""
     migrations = _read_migrations()
@@ -111,7 +123,7 @@ def apply_migrations(db_path: str) -> int:
         try:
             with backend.lock(timeout=30):
                 pending = backend.to_apply(migrations)
-                backend.apply_migrations(pending)
+                _quietly(backend.apply_migrations, pending)
         except LockTimeout as exc:
             raise RuntimeError(f"database is being migrated by another process: {exc}") from exc
     if pending:
@@ -124,7 +136,7 @@ def rollback_migrations(db_path: str) -> int:
     migrations = _read_migrations()
     with _backend(db_path) as backend, backend.lock(timeout=30):
         applied = backend.to_rollback(migrations)
-        backend.rollback_migrations(applied)
+        _quietly(backend.rollback_migrations, applied)
     return len(applied)
 
 
@@ -174,7 +186,7 @@ def apply_postgres_migrations(dsn: str) -> int:
     migrations = _read_migrations("postgresql")
     with _postgres_backend(dsn) as backend, backend.lock(timeout=_PG_LOCK_WAIT):
         pending = backend.to_apply(migrations)
-        backend.apply_migrations(pending)
+        _quietly(backend.apply_migrations, pending)
     if pending:
         log.info("event=migrated db=postgresql applied=%d", len(pending))
     return len(pending)
@@ -185,5 +197,5 @@ def rollback_postgres_migrations(dsn: str) -> int:
     migrations = _read_migrations("postgresql")
     with _postgres_backend(dsn) as backend, backend.lock(timeout=_PG_LOCK_WAIT):
         applied = backend.to_rollback(migrations)
-        backend.rollback_migrations(applied)
+        _quietly(backend.rollback_migrations, applied)
     return len(applied)
