@@ -26,7 +26,8 @@ llama-server 11434.0.0 here; docs/ai-servers.md has what was measured):
   whose ``content`` is null and carry ``timings`` on the last chunk; ``usage``
   comes (as its own ``choices: []`` chunk) only with
   ``stream_options.include_usage``; a last ``assistant`` message is the start
-  of the reply, which goes on from it (llama.cpp's prefill). ``/health``
+  of the reply, which goes on from it (llama.cpp's prefill), the answer
+  repeating that start in front (its first streamed piece). ``/health``
   needs no API key, the rest does.
 - vLLM: no ``/props`` or ``/slots``; ``/v1/models`` entries carry
   ``max_model_len``; ``/tokenize`` takes ``prompt`` or ``messages`` (not
@@ -617,6 +618,7 @@ async def _handle_chat(request: web.Request) -> web.StreamResponse:
             include_usage=include_usage,
             prompt_token_delay=state.prompt_token_delay,
             piece_delay=state.piece_delay,
+            echo=start_of_reply,
         )
         state.tokens["cached"] += turn.cache_n
         state.tokens["computed"] += turn.prompt_n
@@ -666,6 +668,8 @@ async def _stream(
     await response.prepare(request)
     for chunk in head_chunks(turn):
         await response.write(sse(chunk))
+    if turn.echo:
+        await response.write(sse(piece_chunk(turn, turn.echo)))
     sent = 0
     try:
         for piece in turn.pieces:

@@ -93,6 +93,9 @@ class Turn:
     include_usage: bool
     prompt_token_delay: float
     piece_delay: float
+    # The start of the reply the request gave (llama.cpp's prefill), which
+    # llama.cpp's answer repeats in front of what it generated.
+    echo: str = ""
 
     @property
     def prompt_n(self) -> int:
@@ -145,7 +148,7 @@ def usage(turn: Turn) -> JSONObject:
 
 
 def completion_body(turn: Turn) -> JSONObject:
-    message = {"role": "assistant", "content": "".join(turn.pieces)}
+    message = {"role": "assistant", "content": turn.echo + "".join(turn.pieces)}
     choice: JSONObject = {"index": 0, "message": message, "finish_reason": turn.finish_reason}
     body: JSONObject = {
         "id": turn.id,

@@ -39,6 +39,7 @@ from ..http import (
 )
 from ..replica_health import CannotContinue
 from ..slots import SlotFiles
+from .prefill import AfterStart, after_start, with_start
 from .slot_table import SlotTable
 from .tokens import TokenCounts
 from .window import (
@@ -318,7 +319,8 @@ class OpenAIClient:
             usage = Usage(
                 answer.prompt_tokens, answer.cached_tokens or 0, answer.completion_tokens + started
             )
-        return Reply(start_of_reply + answer.text, kind, usage, answer.truncated)
+        text = start_of_reply + after_start(answer.text, start_of_reply)
+        return Reply(text, kind, usage, answer.truncated)
 
     async def recover(self, turn: TurnContext, on_delta: DeltaSink | None) -> Reply:
         """A turn on a server that may hold none of this conversation (a pool's other replica).
@@ -338,12 +340,13 @@ class OpenAIClient:
         start_of_reply: str,
         max_tokens: int,
     ) -> tuple[Answer, bool]:
-        messages = build_messages(session.scenario, history, turn.content)
         if start_of_reply:
-            messages.append({"role": "assistant", "content": start_of_reply})
+            on_delta = AfterStart(start_of_reply, on_delta)
         payload: dict[str, Any] = {
             "model": info.model,
-            "messages": messages,
+            "messages": with_start(
+                build_messages(session.scenario, history, turn.content), start_of_reply
+            ),
             "max_tokens": max_tokens,
             **turn.sampling,
             "stream": True,
