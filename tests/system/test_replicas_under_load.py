@@ -11,9 +11,12 @@ victim out. Then the victim starts again on its port with an empty memory,
 and its conversations go back to it (recovered there), again without an
 error.
 
-Placement is made exact (``SESSIONBRIDGE_REPLICA_LOAD_FACTOR=0``, as the
-docs advise for the seed protocol): each conversation goes to its first
-healthy choice, so which conversation is recovered where is known in advance.
+Each test runs twice. With the default settings, a new user's, the load
+bound may send a turn to a conversation's next choice while its first is
+busy, so only the answers are checked: every one 200 and right. With exact
+placement (``SESSIONBRIDGE_REPLICA_LOAD_FACTOR=0``, as the docs advise for
+the seed protocol) each conversation goes to its first healthy choice, so
+which conversation is recovered where is known in advance, and checked.
 Every wait is on observed state (answered turns, /readyz, the victim's own
 endpoints), never on the clock.
 """
@@ -28,6 +31,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import aiohttp
+import pytest
 
 from sessionbridge.upstream.placement import preference
 from tests.doubles import wait_until
@@ -217,20 +221,34 @@ def report(load: Load, bridge: Bridge, victims: list[Process]) -> str:
     return f"errors:\n{errors}\n--- bridge ---\n{bridge.process.describe()}\n{logs}"
 
 
+def check_answers(
+    load: Load, reply_ok: Callable[[int, Turn], bool], detail: Callable[[], str]
+) -> None:
+    """No turn failed, and each reply answers its own message."""
+    assert not load.errors(), detail()
+    for session_id, turns in load.turns.items():
+        for number, turn in enumerate(turns, start=1):
+            assert reply_ok(number, turn), (session_id, number, turn)
+
+
 def check_kill_phase(
     load: Load, placed: dict[str, str], victim_url: str, reply_ok: Callable[[int, Turn], bool],
-    detail: Callable[[], str],
+    detail: Callable[[], str], exact: bool,
 ) -> None:
-    """Every turn 200 and right; the victim's conversations recovered once, then reused."""
-    assert not load.errors(), detail()
+    """Every turn 200 and right, those after the kill too; with exact placement, the
+    victim's conversations recovered once, then reused, and the others reused."""
+    check_answers(load, reply_ok, detail)
+    # The turns after the kill count: every conversation's, all answered.
+    after = [t for turns in load.turns.values() for t in turns if t.after_kill]
+    assert len(after) == TURNS_AFTER_KILL * len(placed)
+    assert all(t.status == 200 for t in after)
+    if not exact:
+        return
     crossed = 0
     for session_id, home in placed.items():
         turns = load.turns[session_id]
-        for number, turn in enumerate(turns, start=1):
-            assert reply_ok(number, turn), (session_id, number, turn)
         sessions = [t.ai_session for t in turns]
         first_after = next(i for i, t in enumerate(turns) if t.after_kill)
-        assert sum(t.after_kill for t in turns) == TURNS_AFTER_KILL, sessions
         assert sessions[0] == "created", sessions
         if home != victim_url:
             assert set(sessions[1:]) == {"reused"}, (session_id, sessions)
@@ -244,10 +262,6 @@ def check_kill_phase(
         crossed += not turns[recovered].after_kill
     # At least one turn the victim held when it died was answered by another replica.
     assert crossed >= 1, detail()
-    # The turns after the kill count: every conversation's, all answered.
-    after = [t for turns in load.turns.values() for t in turns if t.after_kill]
-    assert len(after) == TURNS_AFTER_KILL * len(placed)
-    assert all(t.status == 200 for t in after)
 
 
 async def run_kill_under_load(
@@ -258,8 +272,12 @@ async def run_kill_under_load(
     victim: Killable,
     victim_busy: Callable[[], Awaitable[bool]],
     reply_ok: Callable[[int, Turn], bool],
+    exact: bool,
 ) -> None:
-    """The load, the kill, the checks; then the victim's restart and its conversations' return."""
+    """The load, the kill, the checks; then the victim's restart and its conversations' return.
+
+    ``exact``: placement is exact (no load bound), so where each turn went is checked too.
+    """
     load = Load(http, bridge.url, token)
     placed = await placed_evenly(load, urls)
     mine = [s for s, home in placed.items() if home == victim.url]
@@ -288,7 +306,13 @@ async def run_kill_under_load(
         assert await victim.process.wait_exit(PHASE_TIMEOUT) == -SIGKILL
         await asyncio.gather(*talkers)  # each turn is bounded by the client's timeout
 
-        check_kill_phase(load, placed, victim.url, reply_ok, detail)
+        check_kill_phase(load, placed, victim.url, reply_ok, detail, exact)
+        # The bridge asked another replica instead of the victim, and says so.
+        failovers = [
+            line for line in bridge.process.stderr().splitlines()
+            if "event=failover" in line and f" from={victim.url} " in line
+        ]
+        assert failovers, detail()
         await wait_until(
             lambda: watch.state(victim.url) == "out", PHASE_TIMEOUT,
             lambda: f"the killed replica not listed out: {watch.answers[-1:]}",
@@ -309,19 +333,30 @@ async def run_kill_under_load(
         await asyncio.gather(*talkers, return_exceptions=True)
         await watcher  # ends at its next look
 
-    assert not load.errors(), detail()
+    check_answers(load, reply_ok, detail)
+    assert watch.failures() == [], watch.failures()[:3]
+    assert load.answered == sum(len(turns) for turns in load.turns.values())
+    if not exact:
+        return
     for session_id, home in placed.items():
-        turns = load.turns[session_id]
-        for number, turn in enumerate(turns, start=1):
-            assert reply_ok(number, turn), (session_id, number, turn)
-        sessions = [t.ai_session for t in turns[before[session_id]:]]
+        sessions = [t.ai_session for t in load.turns[session_id][before[session_id]:]]
         # The victim's conversations go back to it, recovered there; the rest stay.
         expected = "recovered" if home == victim.url else "reused"
         assert sessions == [expected] + ["reused"] * (TURNS_AFTER_RESTART - 1), (
             session_id, sessions,
         )
-    assert watch.failures() == [], watch.failures()[:3]
-    assert load.answered == sum(len(turns) for turns in load.turns.values())
+
+
+def bridge_settings(placement: str, **extra: str) -> dict[str, str]:
+    """The bridge's environment: quick probes, and exact placement or the default one."""
+    exact = {"SESSIONBRIDGE_REPLICA_LOAD_FACTOR": "0"} if placement == "exact" else {}
+    return env(
+        SESSIONBRIDGE_READY_INTERVAL="0.1", SESSIONBRIDGE_HEALTH_TIMEOUT="0.3", **exact, **extra
+    )
+
+
+# Default placement (with the load bound), then exact placement.
+PLACEMENTS = pytest.mark.parametrize("placement", ["default", "exact"])
 
 
 # -- the seed protocol ---------------------------------------------------------------------
@@ -329,19 +364,15 @@ async def run_kill_under_load(
 SEED_DELAY = "0.2"  # seconds each /chat takes: the victim holds turns most of the time
 
 
+@PLACEMENTS
 async def test_seed_replica_killed_under_load_leaves_every_turn_answered(
-    procs: Processes, http: aiohttp.ClientSession, tmp_path: Path
+    procs: Processes, http: aiohttp.ClientSession, tmp_path: Path, placement: str
 ) -> None:
     seeds = [SeedProcess(procs, "--delay", SEED_DELAY) for _ in range(REPLICAS)]
     await asyncio.gather(*(seed.start() for seed in seeds))
     db = tmp_path / "bridge.db"
     bridge = await start_bridge(
-        procs, db, ",".join(seed.url for seed in seeds),
-        env=env(
-            SESSIONBRIDGE_READY_INTERVAL="0.1",
-            SESSIONBRIDGE_HEALTH_TIMEOUT="0.3",
-            SESSIONBRIDGE_REPLICA_LOAD_FACTOR="0",
-        ),
+        procs, db, ",".join(seed.url for seed in seeds), env=bridge_settings(placement)
     )
     token = await _token(db)
     victim = seeds[0]
@@ -355,10 +386,14 @@ async def test_seed_replica_killed_under_load_leaves_every_turn_answered(
     def reply_ok(number: int, turn: Turn) -> bool:
         return f"you said {turn.content!r}" in turn.reply
 
+    exact = placement == "exact"
     await run_kill_under_load(
-        http, bridge, token, [s.url for s in seeds], victim, victim_busy, reply_ok
+        http, bridge, token, [s.url for s in seeds], victim, victim_busy, reply_ok, exact
     )
-    assert await victim.sessions(http) == ON_EACH  # one recovered AI session each
+    # Its conversations are back on it: one recovered AI session each. With the load
+    # bound a turn may go to another replica, or come to it from another conversation.
+    back = await victim.sessions(http)
+    assert back == ON_EACH if exact else back >= 1, back
 
 
 async def _token(db: Path) -> str:
@@ -397,8 +432,9 @@ class OpenAIProcess:
             return any(slot["is_processing"] for slot in await response.json())
 
 
+@PLACEMENTS
 async def test_openai_replica_killed_mid_reply_under_load_leaves_every_turn_answered(
-    procs: Processes, http: aiohttp.ClientSession, tmp_path: Path
+    procs: Processes, http: aiohttp.ClientSession, tmp_path: Path, placement: str
 ) -> None:
     # Slots for every conversation a replica may get after the kill (its own and a
     # victim's), so a conversation's prompt stays cached where it is answered.
@@ -410,12 +446,7 @@ async def test_openai_replica_killed_mid_reply_under_load_leaves_every_turn_answ
     db = tmp_path / "bridge.db"
     bridge = await start_bridge(
         procs, db, ",".join(server.url for server in servers),
-        env=env(
-            SESSIONBRIDGE_UPSTREAM_FLAVOR="openai",
-            SESSIONBRIDGE_READY_INTERVAL="0.1",
-            SESSIONBRIDGE_HEALTH_TIMEOUT="0.3",
-            SESSIONBRIDGE_REPLICA_LOAD_FACTOR="0",
-        ),
+        env=bridge_settings(placement, SESSIONBRIDGE_UPSTREAM_FLAVOR="openai"),
     )
     token = await _token(db)
     victim = servers[0]
@@ -432,5 +463,6 @@ async def test_openai_replica_killed_mid_reply_under_load_leaves_every_turn_answ
         )
 
     await run_kill_under_load(
-        http, bridge, token, [s.url for s in servers], victim, victim_busy, reply_ok
+        http, bridge, token, [s.url for s in servers], victim, victim_busy, reply_ok,
+        placement == "exact",
     )
