@@ -102,7 +102,12 @@ async def cluster(
     db = tmp_path / "bridge.db"
     bridge = await start_bridge(
         procs, db, ",".join(seed.url for seed in seeds),
-        env=env(SESSIONBRIDGE_READY_INTERVAL="0.1", SESSIONBRIDGE_HEALTH_TIMEOUT="0.3"),
+        # Placement by hashing alone, so that each conversation's home is its
+        # first choice (the load bound may place a new one elsewhere).
+        env=env(
+            SESSIONBRIDGE_READY_INTERVAL="0.1", SESSIONBRIDGE_HEALTH_TIMEOUT="0.3",
+            SESSIONBRIDGE_REPLICA_LOAD_FACTOR="0",
+        ),
     )
     done = await run_cli("keys", "create", "tests", "--db", str(db), env=clean_env(**env()))
     assert done.returncode == 0, done.stderr

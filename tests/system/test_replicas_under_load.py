@@ -12,11 +12,11 @@ and its conversations go back to it (recovered there), again without an
 error.
 
 Each test runs twice. With the default settings, a new user's, the load
-bound may send a turn to a conversation's next choice while its first is
-busy, so only the answers are checked: every one 200 and right. With exact
-placement (``SESSIONBRIDGE_REPLICA_LOAD_FACTOR=0``, as the docs advise for
-the seed protocol) each conversation goes to its first healthy choice, so
-which conversation is recovered where is known in advance, and checked.
+bound may place a new conversation on its next choice when its first already
+holds its share, so only the answers are checked: every one 200 and right.
+With placement by hashing alone (``SESSIONBRIDGE_REPLICA_LOAD_FACTOR=0``)
+each conversation goes to its first healthy choice, so which conversation is
+recovered where is known in advance, and checked.
 Every wait is on observed state (answered turns, /readyz, the victim's own
 endpoints), never on the clock.
 """
