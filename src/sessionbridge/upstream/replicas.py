@@ -96,6 +96,12 @@ class ReplicaPool:
                 rest = preference(key, [r.url for r in usable if r is not home])
                 return [home, *(self._by_url[url] for url in rest)]
         holding = {r.url for r in usable if held is not None and r.id in held.entries}
+        if holding and held is not None and held.home is not None:
+            # Its home is out and another replica holds it (answered there
+            # since): it stays there until home is back, whichever bridge asks.
+            order = preference(key, [r.url for r in usable])
+            first = next(url for url in order if url in holding)
+            return [self._by_url[first], *(self._by_url[url] for url in order if url != first)]
         where = self._residency.where(key)
         if where is not None:
             holding.add(where)
