@@ -95,6 +95,37 @@ class BridgeClient:
             raise SetupError(f"{len(failed)} warm-up turns failed, e.g. {failed[0]}")
         return dict(collections.Counter(kind for _, kind in outcomes))
 
+    async def create_conversation(self, _: object = None) -> str:
+        """A conversation of the OpenAI face (a session), with the bench's instructions."""
+        async with self.http.post(self.base_url + "/v1/conversations", json={}) as response:
+            body = await response.json()
+            if response.status != 200:
+                raise SetupError(f"POST /v1/conversations answered {response.status}: {body}")
+            return str(body["id"])
+
+    async def create_conversations(self, count: int, concurrency: int = 16) -> list[str]:
+        return await bounded_gather(range(count), self.create_conversation, concurrency)
+
+    async def respond(self, conversation_id: str, content: str = WARM_UP_CONTENT) -> str:
+        """One response in a conversation; returns its status (or the error's code)."""
+        payload = {"model": "bench", "input": content, "conversation": conversation_id,
+                   "instructions": SCENARIO, "max_output_tokens": 64}
+        async with self.http.post(self.base_url + "/v1/responses", json=payload) as response:
+            body = await response.json(content_type=None)
+            if response.status == 200:
+                return str(body.get("status"))
+            return str((body.get("error") or {}).get("code", response.status))
+
+    async def warm_conversations(
+        self, conversation_ids: list[str], concurrency: int = 16
+    ) -> dict[str, int]:
+        """One response in each conversation, so its AI session exists before the measure."""
+        outcomes = await bounded_gather(conversation_ids, self.respond, concurrency)
+        failed = [outcome for outcome in outcomes if outcome != "completed"]
+        if failed:
+            raise SetupError(f"{len(failed)} warm-up responses failed, e.g. {failed[0]}")
+        return dict(collections.Counter(outcomes))
+
     async def metrics(self) -> dict[str, float]:
         """GET /metrics as {"name{labels}": value}."""
         async with self.http.get(self.base_url + "/metrics") as response:

@@ -74,6 +74,21 @@ def write_paths(path: Path, session_ids: list[str]) -> Path:
     return path
 
 
+def response_body(conversation_id: str) -> str:
+    """A ``POST /v1/responses`` body: the same question, in the conversation given."""
+    return json.dumps({"model": "bench", "input": CONTENT, "conversation": conversation_id,
+                       "max_output_tokens": 64})
+
+
+def write_response_requests(
+    paths: Path, bodies: Path, conversation_ids: list[str]
+) -> tuple[Path, Path]:
+    """``POST /v1/responses`` to each conversation in turn: the paths and their bodies."""
+    paths.write_text("/v1/responses\n" * len(conversation_ids))
+    bodies.write_text("".join(response_body(cid) + "\n" for cid in conversation_ids))
+    return paths, bodies
+
+
 class LoadGenerator:
     """Runs one load run against a base URL; wrk when present unless told otherwise."""
 
@@ -89,11 +104,17 @@ class LoadGenerator:
         connections: int,
         duration: float,
         limit: int | None = None,
+        bodies_file: Path | None = None,
     ) -> LoadResult:
+        """``bodies_file``: one body a line, sent with the path of the same line (else BODY)."""
         if self.wrk:
-            return await self._run_wrk(base_url, paths_file, token, connections, duration, limit)
+            return await self._run_wrk(base_url, paths_file, token, connections, duration, limit,
+                                       bodies_file)
         paths = [line for line in paths_file.read_text().splitlines() if line]
-        return await python_load(base_url, paths, token, connections, duration, limit)
+        bodies = None
+        if bodies_file is not None:
+            bodies = [line for line in bodies_file.read_text().splitlines() if line]
+        return await python_load(base_url, paths, token, connections, duration, limit, bodies)
 
     async def _run_wrk(
         self,
@@ -103,9 +124,11 @@ class LoadGenerator:
         connections: int,
         duration: float,
         limit: int | None,
+        bodies_file: Path | None = None,
     ) -> LoadResult:
         assert self.wrk is not None
-        env = dict(os.environ, BENCH_PATHS=str(paths_file), BENCH_TOKEN=token, BENCH_BODY=BODY)
+        env = dict(os.environ, BENCH_PATHS=str(paths_file), BENCH_TOKEN=token, BENCH_BODY=BODY,
+                   BENCH_BODIES=str(bodies_file) if bodies_file is not None else "")
         if limit is not None:
             env["BENCH_LIMIT"] = str(limit)
         # One wrk thread: wrk shares the two cores with the servers it measures.
@@ -174,6 +197,7 @@ async def python_load(
     connections: int,
     duration: float,
     limit: int | None = None,
+    bodies: list[str] | None = None,
 ) -> LoadResult:
     """The stand-in for wrk: ``connections`` workers, each one request at a time."""
     latencies: list[float] = []
@@ -190,10 +214,11 @@ async def python_load(
         nonlocal issued, http_errors, socket_errors
         while issued < cap and time.perf_counter() < deadline:
             path = paths[issued % len(paths)]
+            data = payload if bodies is None else bodies[issued % len(paths)].encode()
             issued += 1
             sent = time.perf_counter()
             try:
-                async with http.post(base_url + path, data=payload, headers=headers) as response:
+                async with http.post(base_url + path, data=data, headers=headers) as response:
                     await response.read()
                     status = response.status
             except (aiohttp.ClientError, TimeoutError):

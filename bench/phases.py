@@ -19,7 +19,13 @@ from typing import Any
 
 from client import BridgeClient, ai_sessions, answered_turns
 from conversations import run_conversations
-from loadgen import LoadGenerator, LoadResult, median_result, write_paths
+from loadgen import (
+    LoadGenerator,
+    LoadResult,
+    median_result,
+    write_paths,
+    write_response_requests,
+)
 from procs import Processes, Server, create_key
 from seed import SeededDb, seed
 
@@ -103,6 +109,16 @@ def fresh_bridge(
     return bridge, token
 
 
+async def ready_conversations(
+    bridge: Server, token: str, count: int
+) -> tuple[list[str], dict[str, int]]:
+    """``count`` conversations of the OpenAI face, each with one completed response."""
+    async with BridgeClient(bridge.url, token) as client:
+        conversation_ids = await client.create_conversations(count)
+        statuses = await client.warm_conversations(conversation_ids)
+    return conversation_ids, statuses
+
+
 async def ready_sessions(
     bridge: Server, token: str, count: int
 ) -> tuple[list[str], dict[str, int]]:
@@ -123,6 +139,12 @@ class Target:
     server: Server
     paths: Path
     token: str
+    # One body a line, sent with the path of the same line (None: loadgen.BODY for all).
+    bodies: Path | None = None
+
+
+# The OpenAI face's turn beside the sessions API's, on the default loop's bridge.
+RESPONSES_TARGET = "responses"
 
 
 def target_name(kind: str, loop: str) -> str:
@@ -136,6 +158,9 @@ async def throughput(ctx: Context) -> dict[str, Any]:
     Each loop gets its own bridge (own database, own sessions) and its own
     passthrough (the same session ids as that bridge), so every target is
     loaded with byte-identical requests; all of them share one AI server.
+    The first loop's bridge is also loaded through the OpenAI face: the same
+    question as a ``POST /v1/responses`` in one of as many conversations
+    (stored, as a conversation's responses must be), alternated with the rest.
     """
     plan = ctx.plan
     ai = ctx.procs.devserver("ai", delay=0)
@@ -151,8 +176,18 @@ async def throughput(ctx: Context) -> dict[str, Any]:
         passthrough = ctx.procs.passthrough(f"passthrough-{loop}", ai, ids_file, loop=loop)
         paths = write_paths(ctx.workdir / f"throughput-paths-{loop}.txt", session_ids)
         targets[target_name("bridge", loop)] = Target(bridge, paths, token)
+        if loop == plan.loops[0]:
+            conversation_ids, warm_statuses = await ready_conversations(
+                bridge, token, plan.sessions
+            )
+            response_paths, bodies = write_response_requests(
+                ctx.workdir / "throughput-responses-paths.txt",
+                ctx.workdir / "throughput-responses-bodies.txt", conversation_ids,
+            )
+            targets[RESPONSES_TARGET] = Target(bridge, response_paths, token, bodies)
+            setup[loop] = {"responses_warm": warm_statuses}
         targets[target_name("passthrough", loop)] = Target(passthrough, paths, token)
-        setup[loop] = {"rss_idle": rss_idle, "warm_kinds": warm_kinds}
+        setup[loop] = {**setup.get(loop, {}), "rss_idle": rss_idle, "warm_kinds": warm_kinds}
 
     async with contextlib.AsyncExitStack() as stack:
         clients = {
@@ -214,15 +249,41 @@ async def throughput(ctx: Context) -> dict[str, Any]:
         **by_loop[primary],
         "loops": by_loop,
     }
+    if RESPONSES_TARGET in runs:
+        result["responses"] = _responses_beside_sessions(
+            runs[RESPONSES_TARGET], runs[target_name("bridge", plan.loops[0])],
+            plan.loops[0], setup[plan.loops[0]]["responses_warm"],
+        )
     for target in targets.values():
         ctx.procs.stop(target.server)
     ctx.procs.stop(ai)
     return result
 
 
+def _responses_beside_sessions(
+    responses: dict[int, list[LoadResult]], sessions: dict[int, list[LoadResult]],
+    loop: str, warm: dict[str, int],
+) -> dict[str, Any]:
+    """A /v1/responses turn against a /v1/sessions turn of the same bridge, level by level."""
+    levels: dict[str, Any] = {}
+    for connections in CONCURRENCY_LEVELS:
+        r, s = median_result(responses[connections]), median_result(sessions[connections])
+        r_cpu, s_cpu = r["server_cpu_ms"], s["server_cpu_ms"]
+        levels[str(connections)] = {
+            "responses": r,
+            "sessions": s,
+            "runs": [run.to_dict() for run in responses[connections]],
+            "throughput_ratio": r["rps"] / s["rps"] if s["rps"] else None,
+            "added_p50_ms": r["p50_ms"] - s["p50_ms"],
+            "cpu_ratio": r_cpu / s_cpu if r_cpu is not None and s_cpu else None,
+            "added_cpu_ms": r_cpu - s_cpu if r_cpu is not None and s_cpu is not None else None,
+        }
+    return {"loop": loop, "warm_up_statuses": warm, "levels": levels}
+
+
 async def measured_run(
     ctx: Context, target: Server, ai: Server, paths: Path, token: str,
-    connections: int, duration: float,
+    connections: int, duration: float, bodies: Path | None = None,
 ) -> LoadResult:
     """One load run, with the CPU time the target and the AI server spent per message.
 
@@ -235,7 +296,8 @@ async def measured_run(
                 target.context_switches(), target.system_cpu_seconds(), ai.cpu_seconds())
 
     before = read()
-    result = await ctx.load.run(target.url, paths, token, connections, duration)
+    result = await ctx.load.run(target.url, paths, token, connections, duration,
+                                bodies_file=bodies)
     after = read()
     per_message = 1000 / max(result.requests, 1)
     return dataclasses.replace(
@@ -261,7 +323,7 @@ async def _alternate(
     for connections in CONCURRENCY_LEVELS:
         for target in targets.values():  # unrecorded: opens connections, fills caches
             await ctx.load.run(target.server.url, target.paths, target.token, connections,
-                               plan.warmup)
+                               plan.warmup, bodies_file=target.bodies)
         for rep in range(plan.reps):
             # A, B then B, A: a slow drift of the machine cancels out over two reps.
             order = names if rep % 2 == 0 else names[::-1]
@@ -269,7 +331,7 @@ async def _alternate(
                 target = targets[name]
                 result = await measured_run(
                     ctx, target.server, ai, target.paths, target.token, connections,
-                    plan.duration,
+                    plan.duration, target.bodies,
                 )
                 runs[name][connections].append(result)
                 print(f"  {name:<{width}} c={connections:<3} rep {rep + 1}: {result.rps:8.0f}"

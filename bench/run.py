@@ -278,6 +278,28 @@ def print_loops(throughput: dict[str, Any]) -> None:
     print()
 
 
+def print_faces(throughput: dict[str, Any]) -> None:
+    """A /v1/responses turn beside a /v1/sessions turn of the same bridge."""
+    faces = throughput.get("responses")
+    if not faces:
+        return
+    print(f"A turn through each face (the same {faces['loop']} bridge, alternated in the same"
+          f" run; medians; /v1/responses: the same question in one of"
+          f" {throughput['sessions']} conversations, stored)")
+    print(f"  {'clients':>7}  {'face':<22}{'msg/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}"
+          f"{'CPU ms/turn':>12}{'loop thr.':>10}")
+    for level, figures in sorted(faces["levels"].items(), key=lambda kv: int(kv[0])):
+        for face, label in (("sessions", "/v1/sessions"), ("responses", "/v1/responses")):
+            f = figures[face]
+            print(f"  {level:>7}  {label:<22}{f['rps']:9.0f}{f['p50_ms']:9.2f}{f['p99_ms']:9.2f}"
+                  f"{f['http_errors'] + f['socket_errors']:8d}{f['server_cpu_ms']:12.3f}"
+                  f"{f['server_main_cpu_ms']:10.3f}")
+        print(f"  {level:>7}  {'responses/sessions':<22}{figures['throughput_ratio']:8.2f}x"
+              f"{figures['added_p50_ms']:+8.2f} {'':>17}{figures['cpu_ratio']:11.2f}x"
+              f"   (CPU {figures['added_cpu_ms']:+.3f} ms a turn)")
+    print()
+
+
 def print_report(report: dict[str, Any]) -> None:
     print()
     throughput = report.get("throughput")
@@ -297,13 +319,15 @@ def print_report(report: dict[str, Any]) -> None:
                   f"{figures['p50_ratio']:8.2f}x{figures['p99_ratio']:8.2f}x"
                   f"   (p50 {figures['added_p50_ms']:+.2f} ms)")
         ai = throughput["ai_sessions_during_runs"]
-        print(f"  AI sessions during the measured runs: reused {ai['reused']:.0f},"
+        both = " (both faces)" if throughput.get("responses") else ""
+        print(f"  AI sessions during the measured runs{both}: reused {ai['reused']:.0f},"
               f" created {ai['created']:.0f}, recovered {ai['recovered']:.0f}")
         print(f"  bridge RSS: idle {throughput['bridge_rss_idle_mb']:.1f} MB, peak"
               f" {throughput['bridge_peak_rss_mb']:.1f} MB (passthrough peak"
               f" {throughput['passthrough_peak_rss_mb']:.1f} MB)")
         print()
         print_loops(throughput)
+        print_faces(throughput)
     profile = report.get("profile")
     if profile:
         for line in profiling.summary(profile):

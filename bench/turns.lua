@@ -5,6 +5,9 @@
 --   BENCH_TOKEN  bearer token for the bridge (the passthrough ignores it, but
 --                gets the same bytes so both targets parse the same request)
 --   BENCH_BODY   the JSON body
+--   BENCH_BODIES optional: file with one JSON body a line, the n-th sent with
+--                the n-th path (a body per request, e.g. each naming its own
+--                conversation on POST /v1/responses); else BENCH_BODY for all
 --   BENCH_LIMIT  optional: stop after this many messages have been answered
 --                (each path is then used at most once when LIMIT <= #paths);
 --                the line "BENCH_LIMIT_REACHED" tells loadgen.py to end wrk
@@ -21,6 +24,13 @@ local headers = {
   ["Authorization"] = "Bearer " .. os.getenv("BENCH_TOKEN"),
 }
 local body = os.getenv("BENCH_BODY")
+local bodies = {}
+local bodies_file = os.getenv("BENCH_BODIES")
+if bodies_file and #bodies_file > 0 then
+  for line in io.lines(bodies_file) do
+    if #line > 0 then bodies[#bodies + 1] = line end
+  end
+end
 local limit = tonumber(os.getenv("BENCH_LIMIT") or "")
 
 -- Formatting every request once, up front, keeps wrk's own per-request work
@@ -34,7 +44,7 @@ local filler
 
 init = function(args)
   for i, path in ipairs(paths) do
-    requests[i] = wrk.format("POST", path, headers, body)
+    requests[i] = wrk.format("POST", path, headers, bodies[i] or body)
   end
   filler = wrk.format("GET", "/healthz")
 end
@@ -58,7 +68,8 @@ end
 if limit then
   local answered = 0
   response = function(status, headers, body)
-    -- /healthz answers {"status": ...}; a message's answer or problem never does.
+    -- /healthz answers {"status": ...}; a message's answer, a response or an
+    -- error never does.
     if body:sub(1, 10) ~= '{"status":' then
       answered = answered + 1
       if answered == limit then
