@@ -326,9 +326,11 @@ class SqliteStore:
             return int(pk)
 
         pk = await self._writer.run(write)
+        # Each item's insert stamps the session (a trigger): it was updated by the last.
+        updated = drafts[-1].created_at if drafts else now
         return ChatSession(
-            pk, session_id, api_key_id, title, scenario, max_tokens, None, len(drafts), now, now,
-            kind, metadata,
+            pk, session_id, api_key_id, title, scenario, max_tokens, None, len(drafts), now,
+            updated, kind, metadata,
         )
 
     async def get_session(self, api_key_id: int, session_id: str) -> ChatSession | None:
