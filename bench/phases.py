@@ -60,6 +60,8 @@ class Plan:
     loops: tuple[str, ...] = (DEFAULT_LOOP, "uvloop")
     # The profile part (bench/profiling.py): one bridge at 32 connections.
     profile_loop: str = DEFAULT_LOOP
+    # The face whose turns are profiled: the sessions API, or POST /v1/responses.
+    profile_face: str = "sessions"
     profile_duration: float = 10.0
     profile_rate: int = 100  # py-spy samples per second and thread
     profile_native: bool = True  # C frames too (send, sqlite, the GC, orjson ...)

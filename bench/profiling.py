@@ -47,8 +47,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from loadgen import LoadResult, write_paths
-from phases import Context, fresh_bridge, measured_run, ready_sessions
+from loadgen import LoadResult, write_paths, write_response_requests
+from phases import Context, fresh_bridge, measured_run, ready_conversations, ready_sessions
 from procs import Server, cpu_seconds
 
 CONNECTIONS = 32
@@ -602,12 +602,13 @@ class Window:
 
 async def _window(
     ctx: Context, bridge: Server, ai: Server, paths: Path, token: str, gc_path: Path | None,
+    bodies: Path | None = None,
 ) -> Window:
     """One measured run; the collector's figures too unless ``gc_path`` is None."""
     gc_before = await gc_totals(bridge, gc_path) if gc_path else None
     before, delay_before = thread_cpu(bridge.pid), run_delay(bridge.pid)
     result = await measured_run(ctx, bridge, ai, paths, token, CONNECTIONS,
-                                ctx.plan.profile_duration)
+                                ctx.plan.profile_duration, bodies)
     after, delay_after = thread_cpu(bridge.pid), run_delay(bridge.pid)
     gc_after = await gc_totals(bridge, gc_path) if gc_path else None
     return Window(result, {tid: after[tid] - before.get(tid, 0.0) for tid in after},
@@ -618,6 +619,7 @@ async def _window(
 
 async def _pyspy_window(
     ctx: Context, bridge: Server, ai: Server, paths: Path, token: str, pyspy: str, out: Path,
+    bodies: Path | None = None,
 ) -> Window:
     plan = ctx.plan
     argv = [pyspy, "record", "--pid", str(bridge.pid), "--format", "raw", "--output", str(out),
@@ -648,7 +650,7 @@ async def _pyspy_window(
                 if not took:
                     print("  note: could not raise the bridge's priority (not root): the"
                           " samples include more time spent waiting for a core", flush=True)
-                window = await _window(ctx, bridge, ai, paths, token, None)
+                window = await _window(ctx, bridge, ai, paths, token, None, bodies)
         finally:
             os.kill(bridge.pid, GC_HOOK_TOGGLE_SIGNAL)
         process.send_signal(signal.SIGINT)  # py-spy writes its file on Ctrl-C
@@ -666,6 +668,7 @@ async def _pyspy_window(
 
 async def _cprofile_window(
     ctx: Context, bridge: Server, ai: Server, paths: Path, token: str, out: Path,
+    bodies: Path | None = None,
 ) -> Window:
     # cProfile times with the wall clock, so a thread preempted in a system call
     # (a send that woke the AI server, a queue put that woke the writer) books
@@ -676,7 +679,7 @@ async def _cprofile_window(
     await asyncio.sleep(0.2)  # the signal is handled at the loop's next Python instruction
     try:
         with favoured(bridge.pid, ctx.plan.profile_nice):
-            window = await _window(ctx, bridge, ai, paths, token, None)
+            window = await _window(ctx, bridge, ai, paths, token, None, bodies)
     finally:
         os.kill(bridge.pid, signal.SIGUSR2)
         os.kill(bridge.pid, GC_HOOK_TOGGLE_SIGNAL)
@@ -733,23 +736,34 @@ async def phase(ctx: Context) -> dict[str, Any]:
     bridge, token = fresh_bridge(ctx, "bridge-profile", ai, loop=loop, gc_stats=gc_path,
                                  cprofile=pstats_path if plan.profile_cprofile else None,
                                  launch_options=gc_options)
-    session_ids, _ = await ready_sessions(bridge, token, plan.sessions)
-    paths = write_paths(ctx.workdir / "profile-paths.txt", session_ids)
-    await ctx.load.run(bridge.url, paths, token, CONNECTIONS, plan.warmup)
+    face = plan.profile_face
+    bodies: Path | None = None
+    if face == "responses":
+        conversation_ids, _ = await ready_conversations(bridge, token, plan.sessions)
+        paths, bodies = write_response_requests(
+            ctx.workdir / "profile-paths.txt", ctx.workdir / "profile-bodies.txt",
+            conversation_ids,
+        )
+    else:
+        session_ids, _ = await ready_sessions(bridge, token, plan.sessions)
+        paths = write_paths(ctx.workdir / "profile-paths.txt", session_ids)
+    await ctx.load.run(bridge.url, paths, token, CONNECTIONS, plan.warmup, bodies_file=bodies)
     if plan.profile_gc_freeze:
         # Once the sessions are made and warmed, as a bridge's start-up would
         # end with gc.freeze(): what is alive now is never collected again.
         os.kill(bridge.pid, GC_FREEZE_SIGNAL)
         await asyncio.sleep(0.2)
 
+    turns = (f"{plan.sessions} sessions" if face != "responses"
+             else f"POST /v1/responses in {plan.sessions} conversations")
     header = (f"Profile of the bridge ({loop} loop) at {CONNECTIONS} connections, wrk,"
-              f" {plan.sessions} sessions, AI server with no delay,"
+              f" {turns}, AI server with no delay,"
               f" {plan.profile_duration:.0f} s per run")
     if gc_options:
         header += f"; garbage collector changed for a trial: {' '.join(gc_options)}"
-    result: dict[str, Any] = {"loop": loop, "connections": CONNECTIONS,
+    result: dict[str, Any] = {"loop": loop, "face": face, "connections": CONNECTIONS,
                               "duration_s": plan.profile_duration, "gc_options": gc_options}
-    timed = await _window(ctx, bridge, ai, paths, token, gc_path)
+    timed = await _window(ctx, bridge, ai, paths, token, gc_path, bodies)
     result["timed"] = timed.summary()
     print(_window_line("timed (no profiler)", timed), flush=True)
     runs = [_window_line("timed (no profiler)", timed)]
@@ -761,7 +775,7 @@ async def phase(ctx: Context) -> dict[str, Any]:
         sections.append(note)
     else:
         raw_path = ctx.workdir / "bridge-pyspy-raw.txt"
-        window = await _pyspy_window(ctx, bridge, ai, paths, token, pyspy, raw_path)
+        window = await _pyspy_window(ctx, bridge, ai, paths, token, pyspy, raw_path, bodies)
         print(_window_line("under py-spy", window), flush=True)
         runs.append(_window_line("under py-spy", window))
         samples = parse_raw(raw_path.read_text(errors="replace"))
@@ -773,7 +787,7 @@ async def phase(ctx: Context) -> dict[str, Any]:
         sections.append("== py-spy (sampling, every thread)\n\n" + text)
 
     if plan.profile_cprofile:
-        window = await _cprofile_window(ctx, bridge, ai, paths, token, pstats_path)
+        window = await _cprofile_window(ctx, bridge, ai, paths, token, pstats_path, bodies)
         print(_window_line("under cProfile", window), flush=True)
         runs.append(_window_line("under cProfile", window))
         figures, text = analyse_cprofile(pstats_path, window.result.requests)
@@ -795,7 +809,8 @@ def summary(result: dict[str, Any], limit: int = 8) -> Iterable[str]:
     timed = result["timed"]
     gc = timed.get("gc")
     trial = f", trial {' '.join(result['gc_options'])}" if result.get("gc_options") else ""
-    yield (f"Profile ({result['loop']} loop, {result['connections']} connections{trial}):"
+    face = ", /v1/responses" if result.get("face") == "responses" else ""
+    yield (f"Profile ({result['loop']} loop, {result['connections']} connections{face}{trial}):"
            f" timed run {timed['rps']:.0f} msg/s, CPU/turn {timed['cpu_ms_per_turn']:.3f} ms"
            f" (loop thread {timed['loop_thread_cpu_ms_per_turn']:.3f} ms),"
            f" {timed['switches_per_turn']:.1f} context switches/turn"

@@ -118,6 +118,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         " beside the default asyncio loop (default: on)")
     parser.add_argument("--profile-loop", choices=("asyncio", "uvloop"),
                         help="the loop the profiled bridge runs on (default asyncio)")
+    parser.add_argument("--profile-face", choices=("sessions", "responses"),
+                        help="the turns profiled: POST /v1/sessions/{id}/messages (default) or"
+                        " POST /v1/responses in a conversation")
     parser.add_argument("--profile-duration", type=float,
                         help="seconds of each of the profile part's three runs")
     parser.add_argument("--profile-rate", type=int, help="py-spy samples per second")
@@ -152,7 +155,8 @@ def make_plan(args: argparse.Namespace) -> phases.Plan:
     plan = phases.QUICK_PLAN if args.quick else phases.Plan()
     overrides = {
         "duration": args.duration, "reps": args.reps, "memory_timebox": args.memory_timebox,
-        "profile_loop": args.profile_loop, "profile_duration": args.profile_duration,
+        "profile_loop": args.profile_loop, "profile_face": args.profile_face,
+        "profile_duration": args.profile_duration,
         "profile_rate": args.profile_rate, "profile_native": args.profile_native,
         "profile_cprofile": args.cprofile, "profile_gc_threshold": args.profile_gc_threshold,
         "profile_gc_freeze": args.profile_gc_freeze,
