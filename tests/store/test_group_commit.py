@@ -11,13 +11,24 @@ import pytest
 
 from sessionbridge.store.sqlite.group_commit import GroupCommitWriter
 
+# FULL waits for the disk at each commit: batches go to the writer thread.
+# NORMAL does not: they are committed on the event loop.
+SYNCHRONOUS = {"thread": "FULL", "loop": "NORMAL"}
 
-@pytest.fixture
-async def writer(tmp_path: Path) -> AsyncIterator[GroupCommitWriter]:
+
+@pytest.fixture(params=sorted(SYNCHRONOUS))
+async def writer(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> AsyncIterator[GroupCommitWriter]:
     path = str(tmp_path / "w.db")
     with sqlite3.connect(path) as db:
         db.execute("CREATE TABLE t (n INTEGER PRIMARY KEY)")
-    opened = await GroupCommitWriter.open(path, ["PRAGMA journal_mode=WAL"])
+    opened = await GroupCommitWriter.open(
+        path,
+        ["PRAGMA journal_mode=WAL", f"PRAGMA synchronous={SYNCHRONOUS[request.param]}",
+         "PRAGMA busy_timeout=5000"],
+    )
+    assert opened.on_loop == (request.param == "loop")
     yield opened
     await opened.close()
 
@@ -64,3 +75,34 @@ async def test_close_commits_what_is_pending(tmp_path: Path) -> None:
 
     assert [task.result() for task in pending] == list(range(5))
     assert count(tmp_path / "c.db") == 5
+
+
+async def test_a_write_waits_for_a_lock_another_connection_holds(
+    writer: GroupCommitWriter, tmp_path: Path
+) -> None:
+    holder = sqlite3.connect(tmp_path / "w.db", isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    # Neither path gives up at once: the loop hands the batch to the thread,
+    # which waits for the lock up to the busy timeout.
+    write = asyncio.create_task(writer.run(insert(1)))
+    await asyncio.sleep(0.3)
+    assert not write.done()
+    holder.execute("ROLLBACK")
+    holder.close()
+
+    assert await write == 1
+    assert await writer.run(insert(2)) == 2  # and the loop commits again
+    assert count(tmp_path / "w.db") == 2
+
+
+async def test_a_write_of_many_rows_is_committed(
+    writer: GroupCommitWriter, tmp_path: Path
+) -> None:
+    def many(db: sqlite3.Connection) -> int:
+        db.executemany("INSERT INTO t (n) VALUES (?)", [(n,) for n in range(1000)])
+        return 1000
+
+    results = await asyncio.gather(writer.run(insert(5000)), writer.run(many, quick=False))
+
+    assert results == [5000, 1000]
+    assert count(tmp_path / "w.db") == 1001

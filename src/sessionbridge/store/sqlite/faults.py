@@ -6,6 +6,7 @@ client's fault and not a bug: it is 503 ``storage_unavailable`` with
 a programming error) is left as it is: the store turns the ones it expects
 into its own errors, and anything else is a bug worth its traceback.
 
+    reported_fault()   the StorageUnavailable a driver's error means, logged
     storage_faults()   a context manager: a fault raised inside it leaves as
                        StorageUnavailable, ``from`` the driver's error
     MappedReader       an aiosqlite connection whose reads are mapped so
@@ -54,19 +55,26 @@ def storage_error(exc: BaseException) -> StorageUnavailable | None:
     return StorageUnavailable(f"{detail}; try again shortly")
 
 
+def reported_fault(exc: sqlite3.Error, operation: str) -> StorageUnavailable | None:
+    """The StorageUnavailable ``exc`` means, logged as one line; None when it is no fault."""
+    error = storage_error(exc)
+    if error is not None:
+        log.warning(
+            "event=storage_unavailable operation=%s error=%s detail=%r",
+            operation, getattr(exc, "sqlite_errorname", type(exc).__name__), str(exc),
+        )
+    return error
+
+
 @contextmanager
 def storage_faults(operation: str) -> Iterator[None]:
     """Turn a storage fault raised inside into StorageUnavailable, logged as one line."""
     try:
         yield
     except sqlite3.Error as exc:
-        error = storage_error(exc)
+        error = reported_fault(exc, operation)
         if error is None:
             raise
-        log.warning(
-            "event=storage_unavailable operation=%s error=%s detail=%r",
-            operation, getattr(exc, "sqlite_errorname", type(exc).__name__), str(exc),
-        )
         raise error from exc
 
 

@@ -1,13 +1,28 @@
-"""The SQLite write path: one connection on its own thread, committing concurrent writes together.
+"""The SQLite write path: one connection, committing concurrent writes together.
 
 Every write is a small function of a ``sqlite3.Connection``. Writes that arrive
-while a commit is under way are applied together in the next transaction and
-committed once (a failing write makes the batch fall back to one transaction
-per write, so it fails alone): under load a turn's two writes cost a share of
-a commit instead of a commit each, and one thread hop per batch instead of one
-per statement. A write's future resolves only after its transaction committed, so
-nothing is reported stored before it is. A storage fault (disk full, locked past
-the busy timeout, I/O error) reaches the writer as StorageUnavailable.
+together are applied in one transaction and committed once (a failing write
+makes the batch fall back to one transaction per write, so it fails alone):
+under load a turn's two writes cost a share of a commit instead of a commit
+each. A write's future resolves only after its transaction committed, so
+nothing is reported stored before it is. A storage fault (disk full, locked
+past the busy timeout, I/O error) reaches the writer as StorageUnavailable.
+
+Where a batch is committed depends on what a commit costs:
+
+- **On the event loop** when a commit writes to the WAL without waiting for
+  the disk (WAL mode, ``synchronous`` NORMAL or OFF: an append to a file the
+  kernel caches, some tens of microseconds). The writes asked during one turn
+  of the loop are committed together, in a callback at its next turn. A hop to
+  a thread and back cost several times the commit itself (a wake-up of the
+  thread, a wake-up of the loop, and the GIL passed back and forth around
+  every SQLite call), in CPU and in latency.
+- **On the writer thread** when a commit waits for the disk (``synchronous``
+  FULL or EXTRA: an fsync), and for any batch the loop could not commit
+  at once: the write lock held by another process (the loop never waits for
+  it; the thread waits up to the busy timeout), a failing write (the thread
+  applies each write alone), or a write that may touch many rows (``quick=False``).
+  One queue put to the thread and one ``call_soon_threadsafe`` back per batch.
 """
 
 from __future__ import annotations
@@ -20,32 +35,41 @@ import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from .faults import storage_faults
+from .faults import reported_fault
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 WriteOp = Callable[[sqlite3.Connection], Any]
 _Outcome = tuple[bool, Any]  # (succeeded, result or exception)
-_Batch = list[tuple[WriteOp, "asyncio.Future[Any]"]]
+# A write, its waiter, and whether it is quick enough to be committed on the loop.
+_Batch = list[tuple[WriteOp, "asyncio.Future[Any]", bool]]
 
 # A batch is bounded so one commit never holds a huge transaction.
 MAX_BATCH = 256
 
 
+def commits_without_waiting(journal_mode: str, synchronous: int) -> bool:
+    """Whether a commit returns without an fsync: WAL with ``synchronous`` OFF (0) or NORMAL (1)."""
+    return journal_mode.lower() == "wal" and synchronous <= 1
+
+
 class GroupCommitWriter:
-    """At most one batch is on the writer thread at a time; the next one gathers meanwhile.
+    """At most one batch is being committed at a time; the next one gathers meanwhile."""
 
-    The hand-off is one queue put to the thread and one ``call_soon_threadsafe``
-    back per batch: every hop between the event loop and a thread costs the
-    loop a wake-up and a turn of the GIL, so the hand-off is kept to that.
-    """
-
-    def __init__(self, connection: sqlite3.Connection) -> None:
+    def __init__(
+        self, connection: sqlite3.Connection, *, on_loop: bool = False, busy_ms: int = 0
+    ) -> None:
         self._connection = connection
         self._loop = asyncio.get_running_loop()
         self._pending: _Batch = []
+        # A batch is on the thread, or a commit on the loop is scheduled.
         self._in_flight = False
+        self._scheduled = False
+        # Commit on the loop (the connection's busy timeout is then 0, and the
+        # thread sets ``busy_ms`` around its own batches).
+        self._on_loop = on_loop
+        self._busy_ms = busy_ms
         self.batches = 0  # batches committed (or failed) so far; read by the checkpointer
         self._closing = False
         self._idle = asyncio.Event()
@@ -58,29 +82,52 @@ class GroupCommitWriter:
 
     @classmethod
     async def open(cls, path: str, pragmas: list[str]) -> GroupCommitWriter:
-        def connect() -> sqlite3.Connection:
+        def connect() -> tuple[sqlite3.Connection, bool, int]:
             # isolation_level=None: the writer begins and commits explicitly.
             connection = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             try:
                 for pragma in pragmas:
                     connection.execute(pragma)
+                journal_mode = connection.execute("PRAGMA journal_mode").fetchone()[0]
+                synchronous = connection.execute("PRAGMA synchronous").fetchone()[0]
+                busy_ms = connection.execute("PRAGMA busy_timeout").fetchone()[0]
+                on_loop = commits_without_waiting(str(journal_mode), int(synchronous))
+                if on_loop:
+                    # The loop never waits for the lock: a batch it cannot
+                    # begin at once goes to the thread, which waits busy_ms.
+                    connection.execute("PRAGMA busy_timeout=0")
             except BaseException:
                 connection.close()
                 raise
-            return connection
+            return connection, on_loop, int(busy_ms)
 
-        return cls(await asyncio.to_thread(connect))
+        connection, on_loop, busy_ms = await asyncio.to_thread(connect)
+        return cls(connection, on_loop=on_loop, busy_ms=busy_ms)
 
-    async def run(self, op: Callable[[sqlite3.Connection], T]) -> T:
-        """Apply ``op`` in the next transaction; return its result once committed."""
+    @property
+    def on_loop(self) -> bool:
+        """Whether batches are committed on the event loop (else on the writer thread)."""
+        return self._on_loop
+
+    async def run(self, op: Callable[[sqlite3.Connection], T], *, quick: bool = True) -> T:
+        """Apply ``op`` in the next transaction; return its result once committed.
+
+        ``quick=False``: the write may touch many rows, so its batch is
+        committed on the writer thread, never on the event loop.
+        """
         if self._closing:
             raise RuntimeError("the database writer is closed")
         future: asyncio.Future[T] = self._loop.create_future()
-        self._pending.append((op, future))
+        self._pending.append((op, future, quick))
         if not self._in_flight:
-            self._send_next()
-        with storage_faults("write"):
+            self._next()
+        try:
             return await future
+        except sqlite3.Error as exc:  # (a try, not faults.storage_faults: two writes a turn)
+            error = reported_fault(exc, "write")
+            if error is None:
+                raise
+            raise error from exc
 
     async def close(self) -> None:
         """Commit what is pending, then close the connection and stop the thread."""
@@ -89,15 +136,63 @@ class GroupCommitWriter:
         self._batches.put(None)
         await asyncio.to_thread(self._thread.join)
 
-    def _send_next(self) -> None:
-        batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
+    def _next(self) -> None:
+        """Start the next batch, if any: a commit on the loop soon, or a hand-off to the thread."""
+        if not self._pending:
+            self._idle.set()
+            return
         self._in_flight = True
         self._idle.clear()
+        if self._on_loop:
+            # At the loop's next turn: the writes asked meanwhile join this batch.
+            self._loop.call_soon(self._commit_here)
+        else:
+            self._send(self._take())
+
+    def _take(self) -> _Batch:
+        batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
+        return batch
+
+    def _send(self, batch: _Batch) -> None:
         self._batches.put(batch)
 
-    def _deliver(self, batch: _Batch, outcomes: list[_Outcome]) -> None:
-        """On the event loop: resolve a committed batch, send the next one."""
-        for (_, future), (succeeded, value) in zip(batch, outcomes, strict=True):
+    def _commit_here(self) -> None:
+        """On the event loop: commit the batch now, or hand it to the thread."""
+        batch = self._take()
+        ops = [op for op, _, quick in batch if quick]
+        outcomes = self._apply_here(ops) if len(ops) == len(batch) else None
+        if outcomes is None:
+            self._send(batch)
+            return
+        self._resolve(batch, outcomes)
+
+    def _apply_here(self, ops: list[WriteOp]) -> list[_Outcome] | None:
+        """The batch in one transaction, never waiting for the lock; None when it did not commit.
+
+        Nothing is kept of a batch that did not commit: the thread applies it
+        again (a write is a pure function of the database, safe to apply
+        again), waiting for the lock, and each write alone if one fails.
+        """
+        connection = self._connection
+        try:
+            connection.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error:
+            return None  # the lock is held elsewhere (or a fault the thread will report)
+        try:
+            values = [op(connection) for op in ops]
+            connection.execute("COMMIT")
+        except Exception:
+            try:
+                if connection.in_transaction:
+                    connection.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass  # the thread's attempt rolls it back or reports the fault
+            return None
+        return [(True, value) for value in values]
+
+    def _resolve(self, batch: _Batch, outcomes: list[_Outcome]) -> None:
+        """On the event loop: settle a batch's writers, start the next batch."""
+        for (_, future, _), (succeeded, value) in zip(batch, outcomes, strict=True):
             if future.done():  # its waiter was cancelled; the write stands
                 continue
             if succeeded:
@@ -106,22 +201,25 @@ class GroupCommitWriter:
                 future.set_exception(value)
         self._in_flight = False
         self.batches += 1
-        if self._pending:
-            self._send_next()
-        else:
-            self._idle.set()
+        self._next()
 
     def _serve(self) -> None:
         """The writer thread: apply batches until told to stop, then close the connection."""
         while (batch := self._batches.get()) is not None:
-            ops = [op for op, _ in batch]
+            ops = [op for op, _, _ in batch]
             try:
-                outcomes = self._apply(ops)
+                if self._on_loop:
+                    self._connection.execute(f"PRAGMA busy_timeout={self._busy_ms}")
+                try:
+                    outcomes = self._apply(ops)
+                finally:
+                    if self._on_loop:
+                        self._connection.execute("PRAGMA busy_timeout=0")
             except BaseException as exc:  # never leave a batch's writers waiting
                 log.error("event=writer_failed error=%s", type(exc).__name__)
                 outcomes = [(False, exc)] * len(ops)
             try:
-                self._loop.call_soon_threadsafe(self._deliver, batch, outcomes)
+                self._loop.call_soon_threadsafe(self._resolve, batch, outcomes)
             except RuntimeError:  # the loop is closed: nobody is waiting any more
                 break
         self._connection.close()

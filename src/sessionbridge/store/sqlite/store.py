@@ -1,7 +1,8 @@
-"""The SQLite store (aiosqlite reads, a group-committing writer thread).
+"""The SQLite store (aiosqlite reads, a group-committing writer).
 
-SQLite runs in WAL mode. Writes go through one connection on its own thread
-that commits concurrent writes together (group_commit.py); reads go through
+SQLite runs in WAL mode. Writes go through one connection that commits
+concurrent writes together (group_commit.py: on the event loop when a commit
+needs no fsync, on a thread of its own when it does); reads go through
 an aiosqlite connection that never waits for the writer. A turn's question is
 committed before the AI server is called and its answer before the client is
 answered; with ``synchronous=NORMAL`` in WAL mode a commit survives a crash of
@@ -103,7 +104,9 @@ def _pragmas(synchronous: str) -> list[str]:
 # synchronous=NORMAL that means an fsync of the database file: a stall of
 # ~10 ms for the turn whose commit it lands in. A connection of its own
 # checkpoints in the background instead; the writer keeps a high threshold
-# only as a safety net should the background checkpoints fall behind.
+# only as a safety net should the background checkpoints fall behind (a
+# checkpoint the writer then runs would stall the event loop too, where
+# batches are committed on it).
 #
 # A checkpoint's fsync still slows the commits that overlap it, the more so
 # the more WAL was written since the last one, and one client's unbatched
@@ -248,9 +251,16 @@ class SqliteStore:
             log.warning("event=storage_unavailable operation=ping free_bytes=%d", free)
             raise StorageUnavailable(f"the disk is full ({free} bytes free); try again shortly")
 
-    async def _write(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
-        """One statement in the next group commit; its rows (for RETURNING)."""
-        return await self._writer.run(lambda db: db.execute(sql, params).fetchall())
+    async def _write(
+        self, sql: str, params: tuple[Any, ...], *, quick: bool = True
+    ) -> list[tuple[Any, ...]]:
+        """One statement in the next group commit; its rows (for RETURNING).
+
+        ``quick=False``: it may touch many rows (group_commit.py).
+        """
+        return await self._writer.run(
+            lambda db: db.execute(sql, params).fetchall(), quick=quick
+        )
 
     async def _fetchone(self, sql: str, params: tuple[Any, ...]) -> sqlite3.Row | None:
         rows = await self._reader.execute_fetchall(sql, params)
@@ -354,6 +364,7 @@ class SqliteStore:
         rows = await self._write(
             "DELETE FROM chat_sessions WHERE id = ? AND api_key_id = ? RETURNING pk",
             (session_id, api_key_id),
+            quick=False,  # its messages go with it
         )
         return bool(rows)
 
@@ -396,7 +407,7 @@ class SqliteStore:
                 ))
             return int(pk)
 
-        pk = await self._writer.run(write)
+        pk = await self._writer.run(write, quick=False)  # a copy of a whole history
         session = await self._fetchone(
             f"SELECT {_SESSION_COLUMNS} FROM chat_sessions WHERE pk = ?", (pk,)
         )
@@ -529,7 +540,7 @@ class SqliteStore:
         usage: Usage | None = None,
         piece_ends: str | None = None,
     ) -> Message:
-        # Made on the event loop: the writer thread only runs SQL.
+        # Made before the write: the write itself only runs SQL.
         return Message(
             0, time_ordered_id(), 0, role, content, status, utc_now(), kind, usage,
             None, piece_ends,
@@ -792,7 +803,7 @@ class SqliteStore:
             ).rowcount
             return int(turns + results)
 
-        return await self._writer.run(write)
+        return await self._writer.run(write, quick=False)
 
     async def get_result(self, api_key_id: int, key: str) -> tuple[str, str] | None:
         row = await self._fetchone(
@@ -819,4 +830,4 @@ class SqliteStore:
             db.execute("UPDATE idempotency_keys SET state = 'failed' WHERE state = 'in_progress'")
             return failed.rowcount
 
-        return await self._writer.run(write)
+        return await self._writer.run(write, quick=False)  # a scan of the table
