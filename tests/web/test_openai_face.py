@@ -276,6 +276,39 @@ async def test_a_background_response_completes_and_is_retrieved(face: Face) -> N
     assert (await face.sdk.responses.retrieve(started.id)).output_text
 
 
+async def responses_counted(face: Face) -> dict[str, float]:
+    response = await face.api.request("GET", "/metrics")
+    counted: dict[str, float] = {}
+    for line in (await response.text()).splitlines():
+        if line.startswith("sessionbridge_responses_total{"):
+            name, _, value = line.rpartition(" ")
+            counted[name.split('"')[1]] = float(value)
+    return counted
+
+
+async def test_ended_responses_are_counted_by_the_status_they_are_stored_with(
+    face: Face,
+) -> None:
+    completed = await face.sdk.responses.create(model="any", input="Hello")
+    expected = {"completed": 1.0, "incomplete": 0.0, "failed": 0.0, "cancelled": 0.0}
+    if face.flavor == "openai":
+        cut = await face.sdk.responses.create(model="any", input="Say a lot", max_output_tokens=2)
+        # Answered from the turn's outcome, as the stored response reads.
+        assert cut.status == "incomplete" == (await face.sdk.responses.retrieve(cut.id)).status
+        assert cut.incomplete_details is not None
+        expected["incomplete"] = 1.0
+    face.slow(0.5)
+    started = await face.sdk.responses.create(model="any", input="Take your time", background=True)
+    await face.sdk.responses.cancel(started.id)
+
+    async def counted() -> bool:
+        return await responses_counted(face) == {**expected, "cancelled": 1.0}
+
+    await wait_until(counted, HANG_TIMEOUT, "the ended responses were not counted")
+    again = await face.sdk.responses.retrieve(completed.id)
+    assert again.model_dump() == completed.model_dump()  # the answer built from memory
+
+
 # -- conversations --------------------------------------------------------------------------
 
 

@@ -16,6 +16,9 @@ class TurnResult:
     user_message: Message
     reply: Message
     ai_session: AISessionKind
+    # The reply was cut by its token limit (known to the turn that answered; a
+    # replay rebuilt from the store does not say).
+    truncated: bool = False
 
     def public(self) -> dict[str, Any]:
         return {

@@ -382,7 +382,7 @@ class Conversations:
             question.pk, question.id, question.seq, "user", question.content, "answered",
             question.created_at,
         )
-        result = TurnResult(answered, answer, reply.kind)
+        result = TurnResult(answered, answer, reply.kind, reply.truncated)
         turn.events.completed(result.public)
         if not turn.outcome.done():
             turn.outcome.set_result(result)

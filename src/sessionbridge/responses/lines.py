@@ -146,13 +146,11 @@ async def _since_last_answer(
     An answer a client added as an item was never given to the AI server:
     its AI session lacks it, so a new one is made from the history.
     """
-    tail = await store.answered_since(session.pk, max(1, session.message_count - TAIL_MESSAGES))
-    added: list[ContextMessage] = []
-    for message in tail:
-        if message.role == "assistant" and message.ai_session is not None:
-            added.clear()  # answered by a turn: the AI server has seen all before it
-        else:
-            added.append(ContextMessage(message.role, message.content))
+    # After the last answer a turn gave, the AI server has seen nothing.
+    tail = await store.added_since_answer(
+        session.pk, max(1, session.message_count - TAIL_MESSAGES)
+    )
+    added = [ContextMessage(m.role, m.content) for m in tail]
     fresh = any(m.role == "assistant" for m in added)
     return added, fresh
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import calendar
 import contextlib
+import dataclasses
 import json
 import logging
 import secrets
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..conversation import Conversations, Turn
-from ..conversation.results import TurnOptions
+from ..conversation.results import TurnOptions, TurnResult
 from ..errors import (
     IdempotencyInProgress,
     IdempotencyMismatch,
@@ -56,6 +57,12 @@ QUEUED_POLL = 0.1
 
 def new_id(prefix: str) -> str:
     return prefix + secrets.token_hex(16)
+
+
+def new_ids(prefix: str, count: int) -> list[str]:
+    """``count`` ids as ``new_id`` makes them, from one read of the system's randomness."""
+    digits = secrets.token_hex(16 * count)
+    return [prefix + digits[32 * i : 32 * (i + 1)] for i in range(count)]
 
 
 def unix_seconds(rfc3339: str) -> int:
@@ -154,6 +161,9 @@ class Responses:
     def _new_row(
         self, key: ApiKey, request: ResponseRequest, line: Line, context_count: int
     ) -> ResponseRow:
+        # The response's id, its output message's, one per input item: one
+        # system call for all of them rather than one each.
+        response_id, output_id, *item_ids = new_ids("", 2 + len(request.input))
         body = {
             "session_id": line.session.id,
             "chain_root": line.root,
@@ -162,8 +172,8 @@ class Responses:
             "instructions": request.instructions,
             "previous_response_id": request.previous_response_id,
             "input": [
-                {"id": new_id(MESSAGE_ID_PREFIX), "role": m.role, "texts": list(m.texts)}
-                for m in request.input
+                {"id": MESSAGE_ID_PREFIX + item_id, "role": m.role, "texts": list(m.texts)}
+                for item_id, m in zip(item_ids, request.input, strict=True)
             ],
             "metadata": dict(request.metadata),
             "background": request.background,
@@ -175,8 +185,8 @@ class Responses:
             "prompt_cache_key": request.prompt_cache_key,
         }
         return ResponseRow(
-            0, new_id(RESPONSE_ID_PREFIX), key.id, line.session.pk, int(time.time()),
-            self.model, new_id(MESSAGE_ID_PREFIX), json.dumps(body, ensure_ascii=False),
+            0, RESPONSE_ID_PREFIX + response_id, key.id, line.session.pk, int(time.time()),
+            self.model, MESSAGE_ID_PREFIX + output_id, json.dumps(body, ensure_ascii=False),
         )
 
     async def _idempotent(
@@ -202,13 +212,35 @@ class Responses:
         failed = outcome.cancelled() or outcome.exception() is not None
         if failed and line.claimed is not None:
             self._spawn(self._store.release_continuation(line.claimed.pk), "release-continuation")
-        self._spawn(self._count_end(row), "count-response")
+        if outcome.cancelled():
+            self._spawn(self._count_end(row), "count-response")
+        else:
+            # The status the stored response now has, told by the turn's outcome.
+            self._count_response(ended_status(outcome))
 
     async def _count_end(self, row: ResponseRow) -> None:
         with contextlib.suppress(Exception):
             ended = await self._store.get_response(row.api_key_id, row.id)
             if ended is not None:
                 self._count_response(status_of(ended, background=False))
+
+    @staticmethod
+    def ended(started: Started) -> ResponseRow | None:
+        """The row of a response this request started, as its turn answered it; else None.
+
+        What reading it back would give (its question answered, its answer,
+        whether the reply was cut), without the reads.
+        """
+        turn = started.turn
+        if started.line is None or turn is None or not turn.outcome.done():
+            return None
+        if turn.outcome.cancelled() or turn.outcome.exception() is not None:
+            return None
+        result: TurnResult = turn.outcome.result()
+        return dataclasses.replace(
+            started.row, question=result.user_message, answer=result.reply,
+            incomplete=result.truncated,
+        )
 
     async def _undo(self, line: Line, row: ResponseRow | None) -> None:
         """A response refused before its question was stored leaves nothing behind."""
@@ -327,6 +359,14 @@ def record_of(row: ResponseRow) -> ResponseRecord:
         prompt_cache_key=body.get("prompt_cache_key"),
         completed_at=unix_seconds(answer.created_at) if answer is not None else None,
     )
+
+
+def ended_status(outcome: asyncio.Future[Any]) -> ResponseStatus:
+    """The status of a response whose turn ended with ``outcome`` (not cancelled)."""
+    error = outcome.exception()
+    if error is None:
+        return "incomplete" if outcome.result().truncated else "completed"
+    return "cancelled" if getattr(error, "code", None) == "cancelled" else "failed"
 
 
 def status_of(row: ResponseRow, background: bool) -> ResponseStatus:

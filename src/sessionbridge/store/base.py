@@ -103,6 +103,14 @@ class Store(Protocol):
         """The session's answered messages (both roles) from ``from_seq`` on, oldest first."""
         ...
 
+    async def added_since_answer(self, session_pk: int, from_seq: int) -> list[Message]:
+        """Of ``answered_since(from_seq)``, those after the last answer a turn gave.
+
+        A turn's answer is an assistant message with its ``ai_session``; what
+        follows it was added as items since (none, most often).
+        """
+        ...
+
     async def list_messages(
         self, session_pk: int, limit: int, after_seq: int | None
     ) -> list[Message]: ...

@@ -313,6 +313,16 @@ class PostgresStore(PoolQueries):
         )
         return [q.message(row) for row in rows]
 
+    async def added_since_answer(self, session_pk: int, from_seq: int) -> list[Message]:
+        rows = await self._fetch(
+            f"SELECT {q.MESSAGE_COLUMNS} FROM messages WHERE session_pk = $1 AND seq >= $2"
+            " AND status = 'answered' AND seq > coalesce((SELECT seq FROM messages"
+            "  WHERE session_pk = $1 AND seq >= $2 AND status = 'answered' AND role = 'assistant'"
+            "  AND ai_session IS NOT NULL ORDER BY seq DESC LIMIT 1), 0) ORDER BY seq",
+            session_pk, from_seq,
+        )
+        return [q.message(row) for row in rows]
+
     # -- messages ---------------------------------------------------------------
 
     async def list_messages(

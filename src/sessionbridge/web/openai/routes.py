@@ -121,7 +121,7 @@ async def create_response(request: web.Request) -> web.StreamResponse:
             return json_response(response_object(record_of(row)))
         # Raises the turn's error (OpenAI's error object); a client gone does not stop it.
         await asyncio.shield(started.turn.outcome)
-        row = await service.get(_key(request), started.row.id)
+        row = service.ended(started) or await service.get(_key(request), started.row.id)
         return json_response(response_object(record_of(row)))
     finally:
         await service.discard(started)
