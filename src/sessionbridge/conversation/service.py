@@ -154,7 +154,12 @@ class Conversations:
         idempotency_key: str | None = None,
     ) -> TurnResult:
         """Answer one message and return the outcome (a failure raises its error)."""
-        turn = await self.begin(key, session_id, content, max_tokens, idempotency_key)
+        if idempotency_key is None:
+            # Nothing to wait for but the outcome (a refusal before the question
+            # is stored is its outcome too): no wait for the question alone.
+            turn = self._launch(Ask(key, session_id, content, max_tokens), None)
+        else:
+            turn = await self.begin(key, session_id, content, max_tokens, idempotency_key)
         # Shielded: a client that goes away does not stop the turn, nor settle
         # its outcome (which others may wait on: its Idempotency-Key, say).
         return await asyncio.shield(turn.outcome)
@@ -254,20 +259,26 @@ class Conversations:
         return await self._followers.follow(key, session_id, message_id)
 
     async def _start(self, ask: Ask) -> Turn:
-        loop = asyncio.get_running_loop()
-        turn = Turn(TurnEvents(), loop.create_future())
-        turn.outcome.add_done_callback(consume)
-        stored: asyncio.Future[Message] = loop.create_future()
+        stored: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
         stored.add_done_callback(consume)
-        turn.task = self._spawn(self._run_turn(ask, turn, stored), f"turn-{ask.session_id}")
+        turn = self._launch(ask, stored)
         # Waiting for the question to be stored is what the client waits on;
         # leaving it (a client gone) cancels this future only, not the turn.
         await stored
         return turn
 
+    def _launch(self, ask: Ask, stored: asyncio.Future[Message] | None) -> Turn:
+        """The turn of ``ask``, started as a task of its own; ``stored`` is told its question."""
+        turn = Turn(TurnEvents(), asyncio.get_running_loop().create_future())
+        turn.outcome.add_done_callback(consume)
+        turn.task = self._spawn(self._run_turn(ask, turn, stored), f"turn-{ask.session_id}")
+        return turn
+
     # -- one turn --------------------------------------------------------------------
 
-    async def _run_turn(self, ask: Ask, turn: Turn, stored: asyncio.Future[Message]) -> None:
+    async def _run_turn(
+        self, ask: Ask, turn: Turn, stored: asyncio.Future[Message] | None
+    ) -> None:
         try:
             # The message's place in its session's line among every bridge on
             # the database is taken on arrival, before it waits here.
@@ -292,7 +303,7 @@ class Conversations:
                     self.inflight -= 1
         except BaseException as exc:
             # Refused before the question was stored: the client's own answer.
-            if not stored.done():
+            if stored is not None and not stored.done():
                 stored.set_exception(exc if isinstance(exc, Exception) else UpstreamUnavailable(
                     "the bridge is shutting down"
                 ))
@@ -304,7 +315,7 @@ class Conversations:
                 raise
 
     async def _answer(
-        self, session: ChatSession, ask: Ask, turn: Turn, stored: asyncio.Future[Message]
+        self, session: ChatSession, ask: Ask, turn: Turn, stored: asyncio.Future[Message] | None
     ) -> None:
         options = ask.options
         if options.scenario is not None and (
@@ -334,7 +345,7 @@ class Conversations:
         self._coordination.relay_turn(question.pk, turn.events)
         try:
             turn.events.started(question)
-            if not stored.done():
+            if stored is not None and not stored.done():
                 stored.set_result(question)
             await self._complete(session, question, ask, tokens, turn)
         finally:
