@@ -47,7 +47,7 @@ from ..coordination import LocalCoordination
 from ..history import group_turns
 from ..ids import time_ordered_id
 from ..keycache import KeyCache
-from .faults import MappedReader
+from .faults import MappedReader, reported_fault
 from .group_commit import GroupCommitWriter
 
 log = logging.getLogger(__name__)
@@ -136,6 +136,18 @@ def _free_bytes(path: str) -> int:
 WRITER_AUTOCHECKPOINT_PAGES = 20_000
 
 
+def _open_here(path: str) -> sqlite3.Connection:
+    """The connection read on the event loop: reads only, and never waiting for a lock."""
+    here = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    try:
+        here.execute("PRAGMA query_only=1")
+        here.execute("PRAGMA busy_timeout=0")
+    except BaseException:
+        here.close()
+        raise
+    return here
+
+
 async def _open_reader(path: str, synchronous: str) -> aiosqlite.Connection:
     reader = await aiosqlite.connect(path, isolation_level=None)
     try:
@@ -159,8 +171,12 @@ class SqliteStore:
         checkpointer: aiosqlite.Connection,
         key_cache_seconds: float = 0.0,
         path: str = "",
+        here: sqlite3.Connection | None = None,
     ) -> None:
         self._writer = writer
+        # A connection read on the event loop itself, for reads of a row or a
+        # few by an index on the hot path (_read_here); None: all by the reader.
+        self._here = here
         # Reads and writes alike turn storage faults into StorageUnavailable
         # (faults.py), so no sqlite3 error of that kind leaves the store.
         self._reader = MappedReader(reader)
@@ -194,18 +210,21 @@ class SqliteStore:
         try:
             for _ in range(2):
                 readers.append(await _open_reader(path, synchronous))
+            here = await asyncio.to_thread(_open_here, path)
         except BaseException:
             for reader in readers:
                 await reader.close()
             await writer.close()
             raise
-        return cls(writer, readers[0], readers[1], key_cache_seconds, path)
+        return cls(writer, readers[0], readers[1], key_cache_seconds, path, here)
 
     async def close(self) -> None:
         self._checkpoints.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._checkpoints
         await self._reader.close()
+        if self._here is not None:
+            self._here.close()
         await self._writer.close()
         try:
             # Leave a short WAL behind: the next start reads less.
@@ -261,6 +280,27 @@ class SqliteStore:
         return await self._writer.run(
             lambda db: db.execute(sql, params).fetchall(), quick=quick
         )
+
+    async def _read_here(self, sql: str, params: tuple[Any, ...]) -> list[Any]:
+        """A read of a row or a few by an index, on the event loop; else by the reader thread.
+
+        A WAL reader takes no lock another connection holds, and such a read
+        takes microseconds, a few times less than the hop to the reader's
+        thread and back. Should SQLite still answer busy (the WAL's index
+        being rebuilt), the read goes to the reader, which waits for it.
+        """
+        here = self._here
+        if here is not None:
+            try:
+                return here.execute(sql, params).fetchall()
+            except sqlite3.Error as exc:
+                code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
+                if code not in (5, 6):  # SQLITE_BUSY, SQLITE_LOCKED: the reader waits
+                    error = reported_fault(exc, "read")
+                    if error is None:
+                        raise
+                    raise error from exc
+        return list(await self._reader.execute_fetchall(sql, params))
 
     async def _fetchone(self, sql: str, params: tuple[Any, ...]) -> sqlite3.Row | None:
         rows = await self._reader.execute_fetchall(sql, params)
@@ -344,11 +384,11 @@ class SqliteStore:
         )
 
     async def get_session(self, api_key_id: int, session_id: str) -> ChatSession | None:
-        row = await self._fetchone(
+        rows = await self._read_here(
             f"SELECT {_SESSION_COLUMNS} FROM chat_sessions WHERE id = ? AND api_key_id = ?",
             (session_id, api_key_id),
         )
-        return None if row is None else _session(row)
+        return _session(rows[0]) if rows else None
 
     async def list_sessions(
         self, api_key_id: int, limit: int, before_pk: int | None
@@ -451,7 +491,7 @@ class SqliteStore:
     async def added_since_answer(self, session_pk: int, from_seq: int) -> list[Message]:
         # The last answer is found by the index, newest first: most often it is
         # the session's last message, and nothing is read after it.
-        rows = await self._reader.execute_fetchall(
+        rows = await self._read_here(
             f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE session_pk = ? AND seq >= ?"
             " AND status = 'answered' AND seq > coalesce((SELECT seq FROM messages"
             "  WHERE session_pk = ? AND seq >= ? AND status = 'answered' AND role = 'assistant'"
