@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import AsyncIterator
+from typing import Any
 
 import openai
 import pytest
@@ -76,8 +77,10 @@ async def test_a_conversation_streams_real_replies_and_stores_its_items(
         conversation=conversation.id,
     )
     deltas: list[str] = []
-    # Room for the model to end its reply itself: the SDK's helper wants
-    # response.completed, and a reply cut by its limit is incomplete.
+    ended: list[Any] = []
+    # The stream ends with response.completed, or with response.incomplete
+    # when the model runs into max_output_tokens (it sometimes rambles on to
+    # 200 tokens): either is the whole reply.
     async with sdk.responses.stream(
         model="any", input="What is the best time to visit?", instructions=INSTRUCTIONS,
         conversation=conversation.id, max_output_tokens=200,
@@ -85,7 +88,12 @@ async def test_a_conversation_streams_real_replies_and_stores_its_items(
         async for event in stream:
             if event.type == "response.output_text.delta":
                 deltas.append(event.delta)
-        second = await stream.get_final_response()
+            elif event.type in ("response.completed", "response.incomplete"):
+                ended.append(event)
+    (end,) = ended
+    second = end.response
+    if end.type == "response.incomplete":
+        assert second.incomplete_details.reason == "max_output_tokens"
 
     assert "".join(deltas) == second.output_text and second.output_text.strip()
     assert first.usage is not None
