@@ -142,6 +142,19 @@ async def test_a_conversation_goes_to_the_next_replica_with_its_history_and_come
     assert len(other.chats()) == 1
 
 
+async def streamed_until_cut_off(
+    api: Api, home: Model, session_id: str, content: str
+) -> tuple[Stream, Stream]:
+    """A streamed turn whose replica dies once the client has two pieces of its reply:
+    those two pieces, and the whole stream."""
+    home.gate.hold_writes_after(FIRST_PIECE_WRITES + 1)  # two pieces, then held
+    response = await api.send(session_id, content, headers=STREAM)
+    seen = await read_events(response, stop_after_deltas=2)
+    home.state.break_after_pieces = 2
+    home.gate.writes.release()
+    return seen, joined(seen, await read_events(response))
+
+
 async def test_a_streamed_turn_whose_replica_times_out_is_answered_by_the_next_without_error(
     aiohttp_client: AiohttpClient, tmp_path: Path, models: list[Model]
 ) -> None:
@@ -192,14 +205,7 @@ async def test_a_reply_cut_off_after_a_client_had_part_of_it_is_finished_by_the_
     home, other = models
     session_id = await conversation_on(api, models, home)
     await api.say(session_id, "message 1")
-    home.gate.hold_writes_after(FIRST_PIECE_WRITES + 1)  # two pieces, then held
-
-    response = await api.send(session_id, "message 2", headers=STREAM)
-    seen = await read_events(response, stop_after_deltas=2)
-    # The client has two pieces; then the replica dies mid-reply.
-    home.state.break_after_pieces = 2
-    home.gate.writes.release()
-    events = joined(seen, await read_events(response))
+    seen, events = await streamed_until_cut_off(api, home, session_id, "message 2")
 
     assert events.names[-1] == "turn.completed", events.names
     reply = events.events[-1].data["reply"]["content"]
@@ -226,13 +232,7 @@ async def test_a_reply_begun_elsewhere_fails_where_the_next_server_cannot_go_on_
     api = await bridge(aiohttp_client, tmp_path, models)
     home, other = models
     session_id = await conversation_on(api, models, home)
-    home.gate.hold_writes_after(FIRST_PIECE_WRITES + 1)
-
-    response = await api.send(session_id, "message 1", headers=STREAM)
-    seen = await read_events(response, stop_after_deltas=2)
-    home.state.break_after_pieces = 2
-    home.gate.writes.release()
-    events = joined(seen, await read_events(response))
+    _, events = await streamed_until_cut_off(api, home, session_id, "message 1")
 
     assert events.names[-1] == "turn.failed", events.names
     assert events.events[-1].data["code"] == "upstream_error"
