@@ -14,57 +14,15 @@ from typing import Any
 
 import aiohttp
 
-import sessionbridge
 from sessionbridge.upstream.placement import preference
 from tests.doubles import wait_until
 from tests.processes import (
-    SIGKILL,
-    UPSTREAM_PASSWORD,
-    UPSTREAM_USER,
-    Process,
     Processes,
     clean_env,
-    free_port,
     run_cli,
     start_bridge,
-    wait_http_ok,
 )
-
-# The child processes run the code under test, wherever pytest was started from.
-SOURCE = str(Path(sessionbridge.__file__).resolve().parents[1])
-
-
-def env(**extra: str) -> dict[str, str]:
-    return {"PYTHONPATH": SOURCE, **extra}
-
-
-class SeedProcess:
-    """A reference seed-protocol server as a process, on a port it keeps across restarts."""
-
-    def __init__(self, procs: Processes, *args: str) -> None:
-        self._procs = procs
-        self._args = args
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.process: Process | None = None
-
-    async def start(self) -> None:
-        self.process = self._procs.start(
-            "seed",
-            ["-m", "sessionbridge.reference.seed_server", "--port", str(self.port),
-             "--user", UPSTREAM_USER, "--password", UPSTREAM_PASSWORD, *self._args],
-            clean_env(**env()),
-        )
-        await wait_http_ok(self.url + "/health", self.process)
-
-    async def kill(self) -> None:
-        assert self.process is not None
-        self.process.signal(SIGKILL)
-        assert await self.process.wait_exit(10) == -SIGKILL
-
-    async def sessions(self, http: aiohttp.ClientSession) -> int:
-        async with http.get(self.url + "/health") as response:
-            return int((await response.json())["sessions"])
+from tests.replicas import SeedProcess, env
 
 
 class Client:

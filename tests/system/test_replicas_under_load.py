@@ -41,12 +41,10 @@ from tests.processes import (
     Process,
     Processes,
     clean_env,
-    free_port,
     run_cli,
     start_bridge,
-    wait_http_ok,
 )
-from tests.system.test_replicas_process import SeedProcess, env
+from tests.replicas import OpenAIProcess, SeedProcess, env
 
 # Conversations whose first choice is each replica.
 ON_EACH = 4
@@ -405,31 +403,6 @@ async def _token(db: Path) -> str:
 # -- OpenAI-compatible -------------------------------------------------------------------
 
 PIECE_DELAY = "0.04"  # seconds between streamed pieces: a reply streams for a few tenths
-
-
-class OpenAIProcess:
-    """A reference OpenAI-compatible server (llama.cpp persona) as a process, on a kept port."""
-
-    def __init__(self, procs: Processes, *args: str) -> None:
-        self._procs = procs
-        self._args = args
-        self.port = free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.url = self.base + "/v1"  # what the bridge is given, and placement hashes
-        self.process: Process | None = None
-
-    async def start(self) -> None:
-        self.process = self._procs.start(
-            "openai",
-            ["-m", "sessionbridge.reference.openai_server", "--port", str(self.port), *self._args],
-            clean_env(**env()),
-        )
-        await wait_http_ok(self.base + "/health", self.process)
-
-    async def streaming(self, http: aiohttp.ClientSession) -> bool:
-        """Whether a slot is generating a reply right now (llama.cpp's /slots)."""
-        async with http.get(self.base + "/slots") as response:
-            return any(slot["is_processing"] for slot in await response.json())
 
 
 @PLACEMENTS
