@@ -18,7 +18,7 @@ from aioresponses import aioresponses
 from aioresponses import core as aioresponses_core
 from pytest_aiohttp import AiohttpClient, AiohttpServer
 
-from sessionbridge.app import create_app
+from sessionbridge.app import RUNNER_OPTIONS, create_app
 from sessionbridge.config import Settings, TokenRange
 from sessionbridge.reference.openai_server import (
     OpenAIReferenceState,
@@ -31,7 +31,7 @@ from sessionbridge.reference.seed_server import (
 )
 from sessionbridge.tokens import hash_token, new_token
 from sessionbridge.upstream import AIServer
-from sessionbridge.web.appkeys import AI_SERVER, STORE
+from sessionbridge.web.appkeys import AI_SERVER, SETTINGS, STORE
 
 from .doubles import HANG_TIMEOUT, FakeAIServer, ServerGate, wait_until
 from .postgres import migrated_postgres_dsn, own_postgres, postgres_dsn, postgres_server
@@ -40,6 +40,30 @@ from .processes import Processes
 __all__ = ["migrated_postgres_dsn", "own_postgres", "postgres_dsn", "postgres_server"]  # fixtures
 
 BridgeClient = TestClient[web.Request, web.Application]
+
+
+class ServedTestServer(TestServer):
+    """A test server that runs the bridge's handlers as ``serve`` does.
+
+    aiohttp's test server cancels a handler whose client goes away; the
+    bridge's server does not (``RUNNER_OPTIONS``), and a turn may run in its
+    handler's task.
+    """
+
+    async def _make_runner(self, **kwargs: Any) -> web.BaseRunner:
+        return await super()._make_runner(**{**kwargs, **RUNNER_OPTIONS})
+
+
+@pytest.fixture
+def aiohttp_client(aiohttp_client: AiohttpClient) -> AiohttpClient:
+    """pytest-aiohttp's client fixture, with the bridge's apps served as ``serve`` serves them."""
+
+    async def client(param: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(param, web.Application) and SETTINGS in param:
+            param = ServedTestServer(param, **kwargs.pop("server_kwargs", None) or {})
+        return await aiohttp_client(param, *args, **kwargs)
+
+    return client  # type: ignore[return-value]
 
 
 @pytest.fixture

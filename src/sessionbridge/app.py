@@ -142,6 +142,12 @@ def slot_saving_allowed(settings: Settings) -> Settings:
     return dataclasses.replace(settings, slot_save="off")
 
 
+# How the app's server must run its handlers (``serve`` and the tests' servers):
+# a client that goes away does not cancel its handler, because a turn may run
+# in the handler's own task and is not the request's to stop (api.py).
+RUNNER_OPTIONS: dict[str, bool] = {"handler_cancellation": False}
+
+
 def create_app(settings: Settings) -> web.Application:
     app = web.Application(
         client_max_size=settings.max_body,

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage
 
-from .app import create_app
+from .app import RUNNER_OPTIONS, create_app
 from .config import ConfigError, Settings, TokenRange, load_settings
 from .notify import feed_watchdog, notify, watchdog_interval
 from .store import DuplicateKeyName, MissingDriver, database, migrate, open_store
@@ -87,7 +87,7 @@ async def serve(settings: Settings, banner: str | None = None) -> None:
     # aiohttp's shutdown timeout only bounds the wait after the grace.
     runner = web.AppRunner(
         app, shutdown_timeout=_CANCEL_WAIT, access_log=None, handle_signals=False,
-        keepalive_timeout=settings.keepalive_timeout,
+        keepalive_timeout=settings.keepalive_timeout, **RUNNER_OPTIONS,
     )
     # setup() runs the startup half of every cleanup context: migrations and
     # the database are ready before the socket accepts anything.

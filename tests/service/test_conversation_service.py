@@ -82,6 +82,27 @@ async def test_a_client_that_goes_away_does_not_stop_its_turn(store: SqliteStore
     ]
 
 
+async def test_a_turn_answered_in_the_callers_task_can_be_followed(
+    store: SqliteStore,
+) -> None:
+    ai = FakeAIServer(lambda turn: "followed")
+    ai.hold()
+    service, key, session_id = await start(store, ai)
+    here = asyncio.create_task(service.answer_here(key, session_id, "who follows?", None))
+    await ai.wait_entered()
+    session = await store.get_session(key.id, session_id)
+    assert session is not None
+    [question] = await store.list_messages(session.pk, 10, None)
+
+    events = await service.follow(key, session_id, question.id)
+    ai.release()
+    followed = [e.name async for e in events.follow()]
+
+    assert followed == ["turn.started", "reply.delta", "turn.completed"]
+    assert (await here).reply.content == "followed"
+    assert not service._busy()
+
+
 async def test_a_follower_gets_each_piece_as_the_ai_server_sends_it(store: SqliteStore) -> None:
     rest = Gate()
     rest.hold()
@@ -109,17 +130,23 @@ async def test_a_follower_gets_each_piece_as_the_ai_server_sends_it(store: Sqlit
     assert (await turn.outcome).reply.content == "Hello"
 
 
-async def test_a_turn_cut_off_by_shutdown_is_stored_as_failed(store: SqliteStore) -> None:
+@pytest.mark.parametrize("way", ["send", "answer_here"])
+async def test_a_turn_cut_off_by_shutdown_is_stored_as_failed(
+    store: SqliteStore, way: str
+) -> None:
     ai = FakeAIServer(lambda turn: "never")
     ai.hold()  # and never released: shutdown cuts the turn off inside the AI server
     service, key, session_id = await start(store, ai)
-    turn = asyncio.create_task(service.send(key, session_id, "cut off", None))
+    turn = asyncio.create_task(getattr(service, way)(key, session_id, "cut off", None))
     await ai.wait_entered()
 
     await service.stop()
+    # A turn answered in the caller's task is answered with its failure, and
+    # the task goes on (it was the service's cancel, taken back).
     with pytest.raises(BridgeError) as cut_off:
         await turn
     assert cut_off.value.code == "upstream_unavailable"
+    assert not turn.cancelled()
 
     session = await store.get_session(key.id, session_id)
     assert session is not None

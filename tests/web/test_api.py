@@ -8,6 +8,7 @@ bodies) or on the AI server's own counters.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -696,6 +697,27 @@ async def test_question_is_pending_while_the_ai_server_answers(
     ai_gate.release()
     assert (await turn).status == 200
     assert [m["status"] for m in await api.messages(session_id)] == ["answered", "answered"]
+
+
+async def test_a_client_that_goes_away_does_not_stop_its_turn(
+    api: Api, ai_gate: ServerGate
+) -> None:
+    # The turn runs in the request's own handler, which the server does not
+    # cancel when the client leaves.
+    session_id = await api.new_session()
+    ai_gate.hold()
+    turn = asyncio.create_task(api.send(session_id, "still there?"))
+    await ai_gate.wait_held()
+    turn.cancel()  # the client closes its connection
+    with contextlib.suppress(asyncio.CancelledError):
+        await turn
+
+    ai_gate.release()
+
+    async def answered() -> bool:
+        return [m["status"] for m in await api.messages(session_id)] == ["answered", "answered"]
+
+    await wait_until(answered)
 
 
 async def test_session_with_most_recent_turn_is_not_reordered_in_the_list(api: Api) -> None:

@@ -78,6 +78,9 @@ class Conversations:
         # Turns running now, by their question's id, for followers.
         self._running: dict[str, Turn] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        # Callers' tasks answering a turn themselves (answer_here).
+        self._here: set[asyncio.Task[Any]] = set()
+        self._stopping = False
         self._rows = SessionRows(store)
         self._followers = Followers(store, self._running, self._spawn)
         self._coordination.on_cancel(self._cancel_by_pk)
@@ -131,17 +134,23 @@ class Conversations:
     async def wait_idle(self, timeout: float) -> bool:
         """Wait until no turn runs or waits, at most ``timeout`` seconds; say whether it did."""
         deadline = time.monotonic() + timeout
-        while (len(self.locks) or self._tasks) and time.monotonic() < deadline:
+        while self._busy() and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
-        return not (len(self.locks) or self._tasks)
+        return not self._busy()
+
+    def _busy(self) -> bool:
+        return bool(len(self.locks) or self._tasks or self._here)
 
     async def stop(self) -> None:
         """Cut off the turns still running (shutdown); each records its failure, ends its events."""
-        tasks = list(self._tasks)
+        self._stopping = True
+        tasks = [*self._tasks, *self._here]
         for task in tasks:
             task.cancel()
         if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
+            # Not gather: a caller's task (answer_here) is not the service's to
+            # cancel again should this wait be cut short.
+            await asyncio.wait(tasks)
 
     # -- starting and following turns ----------------------------------------------------
 
@@ -163,6 +172,35 @@ class Conversations:
         # Shielded: a client that goes away does not stop the turn, nor settle
         # its outcome (which others may wait on: its Idempotency-Key, say).
         return await asyncio.shield(turn.outcome)
+
+    async def answer_here(
+        self, key: ApiKey, session_id: str, content: str, max_tokens: int | None
+    ) -> TurnResult:
+        """Answer one message in the caller's own task: no task, no wait on another.
+
+        For a caller whose task is not cancelled when its client goes away
+        (the web server's request handlers are not: ``web/api.py``), so the
+        turn is still not the request's to stop. Cancelling the task does
+        what :meth:`cancel` and :meth:`stop` do to any turn: the turn records
+        its failure, and the failure is raised here. Anyone may follow the
+        turn as they follow one of :meth:`send`.
+        """
+        task = asyncio.current_task()
+        assert task is not None
+        turn = Turn(TurnEvents(), asyncio.get_running_loop().create_future(), task=task)
+        self._here.add(task)
+        try:
+            await self._run_turn(Ask(key, session_id, content, max_tokens), turn, None)
+        except asyncio.CancelledError:
+            # Cut off by a client's cancel or by the shutdown: the turn has
+            # recorded its failure, which is this caller's answer. Any other
+            # cancellation is not the service's to take back.
+            if not (turn.cancelled or self._stopping) or not turn.outcome.done():
+                raise
+            task.uncancel()
+        finally:
+            self._here.discard(task)
+        return turn.outcome.result()
 
     async def begin(
         self,

@@ -211,9 +211,16 @@ async def post_message(request: web.Request) -> web.StreamResponse:
             follow_running=True,
         )
         return await events.stream(request, turn.events, keepalive=settings.sse_keepalive)
-    result = await service.send(
-        api_key(request), request.match_info["id"], content, max_tokens, idempotency_key
-    )
+    if idempotency_key is None:
+        # Nobody else waits on this turn: it runs in this handler's task (the
+        # server never cancels a handler whose client leaves).
+        result = await service.answer_here(
+            api_key(request), request.match_info["id"], content, max_tokens
+        )
+    else:
+        result = await service.send(
+            api_key(request), request.match_info["id"], content, max_tokens, idempotency_key
+        )
     return json_response(result.public())
 
 
