@@ -10,9 +10,6 @@ the database holds.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-
 from ..errors import SessionBusy
 
 
@@ -36,21 +33,46 @@ class SessionLocks:
         entry = self._entries.get(session_id)
         return 0 if entry is None else max(entry.users - 1, 0)
 
-    @asynccontextmanager
-    async def hold(self, session_id: str) -> AsyncIterator[None]:
+    def hold(self, session_id: str) -> _Hold:
         """Wait for the session's turn; raise SessionBusy when too many already wait."""
-        entry = self._entries.get(session_id)
+        return _Hold(self, session_id)
+
+
+class _Hold:
+    """``async with locks.hold(id)``: a plain class, as it is entered once a turn.
+
+    (A generator-based context manager costs a turn more than the lock itself.)
+    """
+
+    __slots__ = ("_entries", "_max_waiting", "_session_id", "_entry")
+
+    def __init__(self, locks: SessionLocks, session_id: str) -> None:
+        self._entries = locks._entries
+        self._max_waiting = locks._max_waiting
+        self._session_id = session_id
+
+    async def __aenter__(self) -> None:
+        entry = self._entries.get(self._session_id)
         if entry is None:
-            entry = self._entries[session_id] = _Entry()
+            entry = self._entries[self._session_id] = _Entry()
         elif entry.users - 1 >= self._max_waiting:
             raise SessionBusy(
                 f"{entry.users - 1} messages are already waiting on this session"
             )
         entry.users += 1
+        self._entry = entry
         try:
-            async with entry.lock:
-                yield
-        finally:
-            entry.users -= 1
-            if entry.users == 0:
-                del self._entries[session_id]
+            await entry.lock.acquire()
+        except BaseException:
+            self._leave()
+            raise
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._entry.lock.release()
+        self._leave()
+
+    def _leave(self) -> None:
+        entry = self._entry
+        entry.users -= 1
+        if entry.users == 0:
+            del self._entries[self._session_id]

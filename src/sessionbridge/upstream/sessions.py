@@ -22,6 +22,7 @@ from http.cookies import CookieError, SimpleCookie
 from typing import Any
 
 import aiohttp
+from yarl import URL
 
 from .. import jsoncodec
 from ..errors import SessionLost, UpstreamError
@@ -111,6 +112,8 @@ class SessionServerClient:
     ) -> None:
         self._http = http
         self._base = base_url.rstrip("/")
+        # Each endpoint's URL parsed once, not on every call.
+        self._urls: dict[str, URL] = {}
         self.create_endpoint = "init-session" if flavor == "init-session" else "scenario"
         # The body goes as bytes already encoded (jsoncodec), so its type is said here.
         self._headers: dict[str, str] = {"Content-Type": "application/json"}
@@ -254,6 +257,12 @@ class SessionServerClient:
             return HealthReport(True, "healthy")
         return HealthReport(False, f"the AI server reports itself unhealthy ({response.status})")
 
+    def _url(self, endpoint: str) -> URL:
+        url = self._urls.get(endpoint)
+        if url is None:
+            url = self._urls[endpoint] = URL(f"{self._base}/{endpoint}")
+        return url
+
     async def _call(
         self,
         endpoint: str,
@@ -265,7 +274,7 @@ class SessionServerClient:
         async with (
             observed(endpoint, self._observe, session_id),
             self._http.post(
-                f"{self._base}/{endpoint}",
+                self._url(endpoint),
                 data=jsoncodec.dumps(payload),
                 headers=headers or self._headers,
                 timeout=self._timeout,

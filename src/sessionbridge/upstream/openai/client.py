@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
+from yarl import URL
 
 from ... import jsoncodec
 from ...errors import (
@@ -86,6 +87,8 @@ class OpenAIClient:
     ) -> None:
         self._http = http
         self._base = base_url.rstrip("/")
+        # Parsed once, not on every turn.
+        self._completions_url = URL(self._base + "/chat/completions")
         # llama.cpp keeps /props, /tokenize and /slots at its root, beside /v1.
         self._root = self._base[: -len("/v1")] if self._base.endswith("/v1") else self._base
         self._model = model
@@ -452,7 +455,7 @@ class OpenAIClient:
         async with (
             observed(endpoint, self._observe, session_id),
             self._http.post(
-                self._base + "/chat/completions",
+                self._completions_url,
                 data=jsoncodec.dumps(payload),
                 # llama.cpp closes a streamed answer's connection after it
                 # despite its Keep-Alive header; a pooled connection the next
