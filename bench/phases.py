@@ -62,6 +62,8 @@ class Plan:
     profile_loop: str = DEFAULT_LOOP
     # The face whose turns are profiled: the sessions API, or POST /v1/responses.
     profile_face: str = "sessions"
+    # The connections the profiled load keeps open (1: where one client's latency goes).
+    profile_connections: int = 32
     profile_duration: float = 10.0
     profile_rate: int = 100  # py-spy samples per second and thread
     profile_native: bool = True  # C frames too (send, sqlite, the GC, orjson ...)

@@ -51,7 +51,6 @@ from loadgen import LoadResult, write_paths, write_response_requests
 from phases import Context, fresh_bridge, measured_run, ready_conversations, ready_sessions
 from procs import Server, cpu_seconds
 
-CONNECTIONS = 32
 TOP = 25
 PACKAGE = "sessionbridge/"
 PYSPY_START_DEADLINE = 15.0
@@ -607,7 +606,8 @@ async def _window(
     """One measured run; the collector's figures too unless ``gc_path`` is None."""
     gc_before = await gc_totals(bridge, gc_path) if gc_path else None
     before, delay_before = thread_cpu(bridge.pid), run_delay(bridge.pid)
-    result = await measured_run(ctx, bridge, ai, paths, token, CONNECTIONS,
+    result = await measured_run(ctx, bridge, ai, paths, token,
+                                ctx.plan.profile_connections,
                                 ctx.plan.profile_duration, bodies)
     after, delay_after = thread_cpu(bridge.pid), run_delay(bridge.pid)
     gc_after = await gc_totals(bridge, gc_path) if gc_path else None
@@ -747,7 +747,8 @@ async def phase(ctx: Context) -> dict[str, Any]:
     else:
         session_ids, _ = await ready_sessions(bridge, token, plan.sessions)
         paths = write_paths(ctx.workdir / "profile-paths.txt", session_ids)
-    await ctx.load.run(bridge.url, paths, token, CONNECTIONS, plan.warmup, bodies_file=bodies)
+    await ctx.load.run(bridge.url, paths, token, plan.profile_connections, plan.warmup,
+                        bodies_file=bodies)
     if plan.profile_gc_freeze:
         # Once the sessions are made and warmed, as a bridge's start-up would
         # end with gc.freeze(): what is alive now is never collected again.
@@ -756,12 +757,13 @@ async def phase(ctx: Context) -> dict[str, Any]:
 
     turns = (f"{plan.sessions} sessions" if face != "responses"
              else f"POST /v1/responses in {plan.sessions} conversations")
-    header = (f"Profile of the bridge ({loop} loop) at {CONNECTIONS} connections, wrk,"
+    header = (f"Profile of the bridge ({loop} loop) at {plan.profile_connections} connections,"
+              " wrk,"
               f" {turns}, AI server with no delay,"
               f" {plan.profile_duration:.0f} s per run")
     if gc_options:
         header += f"; garbage collector changed for a trial: {' '.join(gc_options)}"
-    result: dict[str, Any] = {"loop": loop, "face": face, "connections": CONNECTIONS,
+    result: dict[str, Any] = {"loop": loop, "face": face, "connections": plan.profile_connections,
                               "duration_s": plan.profile_duration, "gc_options": gc_options}
     timed = await _window(ctx, bridge, ai, paths, token, gc_path, bodies)
     result["timed"] = timed.summary()

@@ -121,6 +121,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--profile-face", choices=("sessions", "responses"),
                         help="the turns profiled: POST /v1/sessions/{id}/messages (default) or"
                         " POST /v1/responses in a conversation")
+    parser.add_argument("--profile-connections", type=int,
+                        help="connections of the profiled load (default 32)")
     parser.add_argument("--profile-duration", type=float,
                         help="seconds of each of the profile part's three runs")
     parser.add_argument("--profile-rate", type=int, help="py-spy samples per second")
@@ -157,6 +159,7 @@ def make_plan(args: argparse.Namespace) -> phases.Plan:
         "duration": args.duration, "reps": args.reps, "memory_timebox": args.memory_timebox,
         "profile_loop": args.profile_loop, "profile_face": args.profile_face,
         "profile_duration": args.profile_duration,
+        "profile_connections": args.profile_connections,
         "profile_rate": args.profile_rate, "profile_native": args.profile_native,
         "profile_cprofile": args.cprofile, "profile_gc_threshold": args.profile_gc_threshold,
         "profile_gc_freeze": args.profile_gc_freeze,

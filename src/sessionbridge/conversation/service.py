@@ -12,7 +12,9 @@ history sent; the prompt cache) is the protocol adapter's (``upstream/``).
 
 A turn does not belong to the request that started it: it runs as a task of
 its own, so a client that goes away does not stop it, and anyone may follow
-its events (``following.py``) while it runs.
+its events (``following.py``) while it runs. A plain turn that nobody else
+waits on may instead run in its caller's task (``answer_here``), for a caller
+that is never cancelled by its client leaving.
 """
 
 from __future__ import annotations
