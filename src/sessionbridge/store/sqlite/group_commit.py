@@ -148,7 +148,7 @@ class GroupCommitWriter:
         self._in_flight = True
         self._idle.clear()
         if self._on_loop:
-            self._gathered, self._looks = -1, 0
+            self._gathered, self._looks = len(self._pending), 0
             self._loop.call_soon(self._gather)
         else:
             self._send(self._take())
@@ -158,8 +158,9 @@ class GroupCommitWriter:
 
         The writes asked meanwhile join the batch: those of the callbacks
         already due, then those of the tasks that the next turn's I/O wakes.
-        Under load that is several times fewer commits; a batch that did not
-        grow over a turn (one client) is committed at once.
+        Under load that is several times fewer commits. A batch that did not
+        grow by the first look (one client: no other write was asked by the
+        callbacks due with it) is committed then, a turn of the loop sooner.
         """
         size = len(self._pending)
         if size != self._gathered and self._looks < GATHER_LOOKS and size < MAX_BATCH:
