@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from sessionbridge.store.sqlite.group_commit import GroupCommitWriter
+from tests.doubles import wait_until
 
 # FULL waits for the disk at each commit: batches go to the writer thread.
 # NORMAL does not: they are committed on the event loop.
@@ -85,7 +86,11 @@ async def test_a_write_waits_for_a_lock_another_connection_holds(
     # Neither path gives up at once: the loop hands the batch to the thread,
     # which waits for the lock up to the busy timeout.
     write = asyncio.create_task(writer.run(insert(1)))
-    await asyncio.sleep(0.3)
+
+    def with_the_thread() -> bool:  # handed over, taken off the queue: waiting for the lock
+        return writer._in_flight and not writer._pending and writer._batches.empty()
+
+    await wait_until(with_the_thread)
     assert not write.done()
     holder.execute("ROLLBACK")
     holder.close()
@@ -106,3 +111,4 @@ async def test_a_write_of_many_rows_is_committed(
 
     assert results == [5000, 1000]
     assert count(tmp_path / "w.db") == 1001
+
