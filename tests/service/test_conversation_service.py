@@ -17,7 +17,7 @@ from sessionbridge.records import ApiKey, TranscriptTurn
 from sessionbridge.store.schema import apply_migrations
 from sessionbridge.store.sqlite import SqliteStore
 from sessionbridge.upstream.sessions import recent_transcript, recovery_scenario
-from tests.doubles import FakeAIServer, FakeTurn, Gate
+from tests.doubles import HANG_TIMEOUT, FakeAIServer, FakeTurn, Gate
 
 
 @pytest.fixture
@@ -80,6 +80,34 @@ async def test_a_client_that_goes_away_does_not_stop_its_turn(store: SqliteStore
     assert [(m.role, m.status, m.content) for m in messages] == [
         ("user", "answered", "still there?"), ("assistant", "answered", "answered anyway")
     ]
+
+
+async def test_shutdown_waits_for_a_turn_answered_in_its_callers_task_not_for_the_caller(
+    store: SqliteStore,
+) -> None:
+    ai = FakeAIServer(lambda turn: "never")
+    ai.hold()
+    service, key, session_id = await start(store, ai)
+    answered = asyncio.Event()  # never set while the service stops
+
+    async def caller() -> object:
+        try:
+            return await service.answer_here(key, session_id, "cut off", None)
+        finally:
+            await answered.wait()  # its client does not read the answer yet
+
+    task = asyncio.create_task(caller())
+    await ai.wait_entered()
+
+    await asyncio.wait_for(service.stop(), HANG_TIMEOUT)  # the bound only keeps a failure short
+
+    session = await store.get_session(key.id, session_id)
+    assert session is not None
+    messages = await store.list_messages(session.pk, 10, None)
+    assert [(m.role, m.status) for m in messages] == [("user", "failed")]
+    answered.set()
+    with pytest.raises(BridgeError):
+        await task
 
 
 async def test_a_turn_answered_in_the_callers_task_can_be_followed(

@@ -80,8 +80,8 @@ class Conversations:
         # Turns running now, by their question's id, for followers.
         self._running: dict[str, Turn] = {}
         self._tasks: set[asyncio.Task[None]] = set()
-        # Callers' tasks answering a turn themselves (answer_here).
-        self._here: set[asyncio.Task[Any]] = set()
+        # Callers' tasks answering a turn themselves (answer_here), and their turns.
+        self._here: dict[asyncio.Task[Any], Turn] = {}
         self._stopping = False
         self._rows = SessionRows(store)
         self._followers = Followers(store, self._running, self._spawn)
@@ -146,13 +146,17 @@ class Conversations:
     async def stop(self) -> None:
         """Cut off the turns still running (shutdown); each records its failure, ends its events."""
         self._stopping = True
-        tasks = [*self._tasks, *self._here]
-        for task in tasks:
+        tasks = list(self._tasks)
+        here = list(self._here.items())
+        for task in [*tasks, *(task for task, _ in here)]:
             task.cancel()
         if tasks:
-            # Not gather: a caller's task (answer_here) is not the service's to
-            # cancel again should this wait be cut short.
-            await asyncio.wait(tasks)
+            await asyncio.gather(*tasks, return_exceptions=True)
+        if here:
+            # Until each turn answered in its caller's task has recorded its
+            # failure: not until the caller is done (it still writes its answer
+            # to a client that may not read it).
+            await asyncio.wait([turn.outcome for _, turn in here])
 
     # -- starting and following turns ----------------------------------------------------
 
@@ -190,18 +194,21 @@ class Conversations:
         task = asyncio.current_task()
         assert task is not None
         turn = Turn(TurnEvents(), asyncio.get_running_loop().create_future(), task=task)
-        self._here.add(task)
+        self._here[task] = turn
         try:
             await self._run_turn(Ask(key, session_id, content, max_tokens), turn, None)
         except asyncio.CancelledError:
             # Cut off by a client's cancel or by the shutdown: the turn has
             # recorded its failure, which is this caller's answer. Any other
             # cancellation is not the service's to take back.
-            if not (turn.cancelled or self._stopping) or not turn.outcome.done():
+            if not turn.outcome.done():
+                raise
+            if not (turn.cancelled or self._stopping):
+                consume(turn.outcome)  # the failure is recorded; nobody is left to tell
                 raise
             task.uncancel()
         finally:
-            self._here.discard(task)
+            del self._here[task]
         return turn.outcome.result()
 
     async def begin(
