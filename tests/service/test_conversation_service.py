@@ -13,7 +13,7 @@ from sessionbridge.config import Settings, TokenRange
 from sessionbridge.conversation import Conversations
 from sessionbridge.errors import BridgeError, FieldError, InvalidField, UpstreamEmptyReply
 from sessionbridge.metrics import Metrics
-from sessionbridge.records import ApiKey, TranscriptTurn
+from sessionbridge.records import ApiKey, Message, TranscriptTurn
 from sessionbridge.store.schema import apply_migrations
 from sessionbridge.store.sqlite import SqliteStore
 from sessionbridge.upstream.sessions import recent_transcript, recovery_scenario
@@ -38,6 +38,13 @@ async def start(
     return service, key, session.id
 
 
+async def stored(store: SqliteStore, key: ApiKey, session_id: str) -> list[Message]:
+    """The session's messages as stored, oldest first."""
+    session = await store.get_session(key.id, session_id)
+    assert session is not None
+    return await store.list_messages(session.pk, 10, None)
+
+
 async def test_whitespace_reply_is_treated_as_empty(store: SqliteStore) -> None:
     blanks = iter([" \n\t ", "  "])
     ai = FakeAIServer(lambda turn: next(blanks))
@@ -57,9 +64,7 @@ async def test_a_message_the_ai_server_refuses_is_never_stored(store: SqliteStor
         await service.send(key, session_id, "far too long", None)
 
     assert ai.calls == []
-    session = await store.get_session(key.id, session_id)
-    assert session is not None
-    assert await store.list_messages(session.pk, 10, None) == []
+    assert await stored(store, key, session_id) == []
     assert len(service.locks) == 0 and service.inflight == 0
 
 
@@ -74,9 +79,7 @@ async def test_a_client_that_goes_away_does_not_stop_its_turn(store: SqliteStore
     ai.release()
     assert await service.wait_idle(10.0)
 
-    session = await store.get_session(key.id, session_id)
-    assert session is not None
-    messages = await store.list_messages(session.pk, 10, None)
+    messages = await stored(store, key, session_id)
     assert [(m.role, m.status, m.content) for m in messages] == [
         ("user", "answered", "still there?"), ("assistant", "answered", "answered anyway")
     ]
@@ -101,9 +104,7 @@ async def test_shutdown_waits_for_a_turn_answered_in_its_callers_task_not_for_th
 
     await asyncio.wait_for(service.stop(), HANG_TIMEOUT)  # the bound only keeps a failure short
 
-    session = await store.get_session(key.id, session_id)
-    assert session is not None
-    messages = await store.list_messages(session.pk, 10, None)
+    messages = await stored(store, key, session_id)
     assert [(m.role, m.status) for m in messages] == [("user", "failed")]
     answered.set()
     with pytest.raises(BridgeError):
@@ -118,9 +119,7 @@ async def test_a_turn_answered_in_the_callers_task_can_be_followed(
     service, key, session_id = await start(store, ai)
     here = asyncio.create_task(service.answer_here(key, session_id, "who follows?", None))
     await ai.wait_entered()
-    session = await store.get_session(key.id, session_id)
-    assert session is not None
-    [question] = await store.list_messages(session.pk, 10, None)
+    [question] = await stored(store, key, session_id)
 
     events = await service.follow(key, session_id, question.id)
     ai.release()
@@ -176,9 +175,7 @@ async def test_a_turn_cut_off_by_shutdown_is_stored_as_failed(
     assert cut_off.value.code == "upstream_unavailable"
     assert not turn.cancelled()
 
-    session = await store.get_session(key.id, session_id)
-    assert session is not None
-    messages = await store.list_messages(session.pk, 10, None)
+    messages = await stored(store, key, session_id)
     assert [(m.role, m.status) for m in messages] == [("user", "failed")]
     assert len(service.locks) == 0 and service.inflight == 0
 
@@ -223,9 +220,7 @@ async def test_an_answer_that_cannot_be_stored_leaves_its_question_failed(
     with pytest.raises(BridgeError):  # never a bare driver error, never a 500
         await service.send(key, session_id, "hello", None)
 
-    session = await store.get_session(key.id, session_id)
-    assert session is not None
-    messages = await store.list_messages(session.pk, 10, None)
+    messages = await stored(store, key, session_id)
     assert [(m.role, m.status) for m in messages] == [("user", "failed")]
 
 

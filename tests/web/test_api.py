@@ -681,13 +681,21 @@ async def test_turn_updates_message_count_and_updated_at(api: Api) -> None:
     assert_utc_time(after["updated_at"])
 
 
+async def held_turn(
+    api: Api, ai_gate: ServerGate, content: str
+) -> tuple[str, asyncio.Task[ClientResponse]]:
+    """A new session and its first turn, held inside the AI server."""
+    session_id = await api.new_session()
+    ai_gate.hold()
+    turn = asyncio.create_task(api.send(session_id, content))
+    await ai_gate.wait_held()
+    return session_id, turn
+
+
 async def test_question_is_pending_while_the_ai_server_answers(
     api: Api, ai_gate: ServerGate
 ) -> None:
-    session_id = await api.new_session()
-    ai_gate.hold()
-    turn = asyncio.create_task(api.send(session_id, "hello"))
-    await ai_gate.wait_held()
+    session_id, turn = await held_turn(api, ai_gate, "hello")
 
     during = await api.messages(session_id)
     session = await (await api.request("GET", f"/v1/sessions/{session_id}")).json()
@@ -704,10 +712,7 @@ async def test_a_client_that_goes_away_does_not_stop_its_turn(
 ) -> None:
     # The turn runs in the request's own handler, which the server does not
     # cancel when the client leaves.
-    session_id = await api.new_session()
-    ai_gate.hold()
-    turn = asyncio.create_task(api.send(session_id, "still there?"))
-    await ai_gate.wait_held()
+    session_id, turn = await held_turn(api, ai_gate, "still there?")
     turn.cancel()  # the client closes its connection
     with contextlib.suppress(asyncio.CancelledError):
         await turn
