@@ -8,6 +8,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator
+from typing import TypedDict
 
 import aiohttp
 from aiohttp import web
@@ -145,7 +146,11 @@ def slot_saving_allowed(settings: Settings) -> Settings:
 # How the app's server must run its handlers (``serve`` and the tests' servers):
 # a client that goes away does not cancel its handler, because a turn may run
 # in the handler's own task and is not the request's to stop (api.py).
-RUNNER_OPTIONS: dict[str, bool] = {"handler_cancellation": False}
+class RunnerOptions(TypedDict):
+    handler_cancellation: bool
+
+
+RUNNER_OPTIONS: RunnerOptions = {"handler_cancellation": False}
 
 
 def create_app(settings: Settings) -> web.Application:

@@ -42,3 +42,13 @@ def dumps(value: Any) -> bytes:
 def dumps_sorted(value: Any) -> bytes:
     """``value`` with its keys sorted: the same document always gives the same bytes."""
     return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+
+
+def dumps_text(value: Any) -> str:
+    """``value`` as JSON text (for a column of text): non-ASCII as itself, as written."""
+    return orjson.dumps(value).decode("utf-8")
+
+
+def loads_text(text: str) -> Any:
+    """Parse JSON text the bridge wrote itself (a stored body)."""
+    return orjson.loads(text)

@@ -57,3 +57,13 @@ def test_json_response_declares_utf8_json() -> None:
     assert response.headers["Content-Type"] == "application/json; charset=utf-8"
     assert response.headers["Location"] == "/x"
     assert response.body == '{"ok":"é"}'.encode()
+
+
+def test_stored_text_is_read_back_as_written() -> None:
+    body = {"instructions": "Réponds en français ✓", "temperature": 0.7, "input": [], "n": None}
+    text = jsoncodec.dumps_text(body)
+
+    assert "✓" in text  # non-ASCII kept as itself, as the column always held it
+    assert jsoncodec.loads_text(text) == body
+    # A body stored by an earlier version (the standard library's spacing) reads the same.
+    assert jsoncodec.loads_text(json.dumps(body, ensure_ascii=False)) == body

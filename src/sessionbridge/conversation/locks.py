@@ -10,6 +10,7 @@ the database holds.
 from __future__ import annotations
 
 import asyncio
+
 from ..errors import SessionBusy
 
 
@@ -44,7 +45,7 @@ class _Hold:
     (A generator-based context manager costs a turn more than the lock itself.)
     """
 
-    __slots__ = ("_entries", "_max_waiting", "_session_id", "_entry")
+    __slots__ = ("_entries", "_entry", "_max_waiting", "_session_id")
 
     def __init__(self, locks: SessionLocks, session_id: str) -> None:
         self._entries = locks._entries

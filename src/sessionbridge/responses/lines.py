@@ -19,9 +19,9 @@ from then on.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
+from .. import jsoncodec
 from ..errors import FieldError, InvalidField, NotFound, Unsupported
 from ..records import ApiKey, ChatSession, ContextMessage, ResponseRow
 from ..store.base import Store
@@ -96,7 +96,7 @@ async def _continue(
         raise InvalidField([FieldError(
             "previous_response_id", "names a response that has not completed"
         )])
-    body = json.loads(previous.body)
+    body = jsoncodec.loads_text(previous.body)
     source = await store.get_session(key.id, body["session_id"])
     if source is None:
         raise NotFound(f"the context of {previous.id} is no longer stored")

@@ -13,17 +13,17 @@ incomplete when the reply was cut by its token limit), failed or cancelled.
 from __future__ import annotations
 
 import asyncio
-import calendar
 import contextlib
 import dataclasses
-import json
 import logging
 import secrets
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
+from .. import jsoncodec
 from ..conversation import Conversations, Turn
 from ..conversation.results import TurnOptions, TurnResult
 from ..errors import (
@@ -67,7 +67,9 @@ def new_ids(prefix: str, count: int) -> list[str]:
 
 def unix_seconds(rfc3339: str) -> int:
     """A stored RFC 3339 UTC time (``2026-12-03T06:09:18.123Z``) as unix seconds."""
-    return calendar.timegm(time.strptime(rfc3339[:19], "%Y-%m-%dT%H:%M:%S"))
+    # fromisoformat, not strptime: a quarter of the time, once every response.
+    seconds = datetime.fromisoformat(rfc3339[:19]).replace(tzinfo=UTC).timestamp()
+    return int(seconds)
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,7 +188,7 @@ class Responses:
         }
         return ResponseRow(
             0, RESPONSE_ID_PREFIX + response_id, key.id, line.session.pk, int(time.time()),
-            self.model, MESSAGE_ID_PREFIX + output_id, json.dumps(body, ensure_ascii=False),
+            self.model, MESSAGE_ID_PREFIX + output_id, jsoncodec.dumps_text(body),
         )
 
     async def _idempotent(
@@ -289,7 +291,7 @@ class Responses:
                     break
             if question is None:
                 return None
-        body = json.loads(row.body)
+        body = jsoncodec.loads_text(row.body)
         return await self._conversations.follow(key, body["session_id"], question.id)
 
     async def cancel(self, key: ApiKey, response_id: str) -> ResponseRow:
@@ -320,7 +322,7 @@ def _chain_key(line: Line, row: ResponseRow) -> str | None:
 
 def record_of(row: ResponseRow) -> ResponseRecord:
     """The response as the OpenAI face shows it now, from its row, question and answer."""
-    body = json.loads(row.body)
+    body = jsoncodec.loads_text(row.body)
     status = status_of(row, bool(body.get("background")))
     usage = None
     answer: Message | None = row.answer

@@ -16,6 +16,7 @@ from openai.types.responses import Response, ResponseItem, ResponseItemList
 
 from sessionbridge import jsoncodec
 from sessionbridge.responses.records import Item, Page, ResponseError
+from sessionbridge.responses.service import unix_seconds
 from sessionbridge.web.openai import objects
 
 from . import factories
@@ -263,3 +264,8 @@ def test_the_strict_check_catches_a_misspelt_optional_field() -> None:
     assert problems(Response.model_validate(body)) == [
         "$.output[0].content[0].annotationz: not a field of ResponseOutputText"
     ]
+
+
+def test_a_stored_time_is_its_unix_second() -> None:
+    assert unix_seconds("2026-12-03T06:09:18.123Z") == 1796278158
+    assert unix_seconds("1970-01-01T00:00:00.000Z") == 0
