@@ -38,6 +38,15 @@ async def start(
     return service, key, session.id
 
 
+async def start_held(
+    store: SqliteStore, reply: str
+) -> tuple[FakeAIServer, Conversations, ApiKey, str]:
+    """As ``start``, with an AI server that answers ``reply`` once released (held until then)."""
+    ai = FakeAIServer(lambda turn: reply)
+    ai.hold()
+    return (ai, *await start(store, ai))
+
+
 async def stored(store: SqliteStore, key: ApiKey, session_id: str) -> list[Message]:
     """The session's messages as stored, oldest first."""
     session = await store.get_session(key.id, session_id)
@@ -69,9 +78,7 @@ async def test_a_message_the_ai_server_refuses_is_never_stored(store: SqliteStor
 
 
 async def test_a_client_that_goes_away_does_not_stop_its_turn(store: SqliteStore) -> None:
-    ai = FakeAIServer(lambda turn: "answered anyway")
-    ai.hold()
-    service, key, session_id = await start(store, ai)
+    ai, service, key, session_id = await start_held(store, "answered anyway")
     waiter = asyncio.create_task(service.send(key, session_id, "still there?", None))
     await ai.wait_entered()  # the turn is inside the AI server
 
@@ -88,9 +95,7 @@ async def test_a_client_that_goes_away_does_not_stop_its_turn(store: SqliteStore
 async def test_shutdown_waits_for_a_turn_answered_in_its_callers_task_not_for_the_caller(
     store: SqliteStore,
 ) -> None:
-    ai = FakeAIServer(lambda turn: "never")
-    ai.hold()
-    service, key, session_id = await start(store, ai)
+    ai, service, key, session_id = await start_held(store, "never")
     answered = asyncio.Event()  # never set while the service stops
 
     async def caller() -> object:
@@ -114,9 +119,7 @@ async def test_shutdown_waits_for_a_turn_answered_in_its_callers_task_not_for_th
 async def test_a_turn_answered_in_the_callers_task_can_be_followed(
     store: SqliteStore,
 ) -> None:
-    ai = FakeAIServer(lambda turn: "followed")
-    ai.hold()
-    service, key, session_id = await start(store, ai)
+    ai, service, key, session_id = await start_held(store, "followed")
     here = asyncio.create_task(service.answer_here(key, session_id, "who follows?", None))
     await ai.wait_entered()
     [question] = await stored(store, key, session_id)
@@ -161,9 +164,8 @@ async def test_a_follower_gets_each_piece_as_the_ai_server_sends_it(store: Sqlit
 async def test_a_turn_cut_off_by_shutdown_is_stored_as_failed(
     store: SqliteStore, way: str
 ) -> None:
-    ai = FakeAIServer(lambda turn: "never")
-    ai.hold()  # and never released: shutdown cuts the turn off inside the AI server
-    service, key, session_id = await start(store, ai)
+    # Never released: shutdown cuts the turn off inside the AI server.
+    ai, service, key, session_id = await start_held(store, "never")
     turn = asyncio.create_task(getattr(service, way)(key, session_id, "cut off", None))
     await ai.wait_entered()
 
