@@ -60,14 +60,16 @@ class BridgeClient:
         assert self._http is not None, "use BridgeClient in an async with block"
         return self._http
 
-    async def create_session(self, _: object = None) -> str:
-        async with self.http.post(
-            self.base_url + "/v1/sessions", json={"scenario": SCENARIO}
-        ) as response:
+    async def _created(self, path: str, payload: dict[str, str], status: int) -> str:
+        """POST ``payload`` to ``path``; the id of what it created (answered ``status``)."""
+        async with self.http.post(self.base_url + path, json=payload) as response:
             body = await response.json()
-            if response.status != 201:
-                raise SetupError(f"POST /v1/sessions answered {response.status}: {body}")
+            if response.status != status:
+                raise SetupError(f"POST {path} answered {response.status}: {body}")
             return str(body["id"])
+
+    async def create_session(self, _: object = None) -> str:
+        return await self._created("/v1/sessions", {"scenario": SCENARIO}, 201)
 
     async def create_sessions(self, count: int, concurrency: int = 16) -> list[str]:
         return await bounded_gather(range(count), self.create_session, concurrency)
@@ -97,11 +99,7 @@ class BridgeClient:
 
     async def create_conversation(self, _: object = None) -> str:
         """A conversation of the OpenAI face (a session), with the bench's instructions."""
-        async with self.http.post(self.base_url + "/v1/conversations", json={}) as response:
-            body = await response.json()
-            if response.status != 200:
-                raise SetupError(f"POST /v1/conversations answered {response.status}: {body}")
-            return str(body["id"])
+        return await self._created("/v1/conversations", {}, 200)
 
     async def create_conversations(self, count: int, concurrency: int = 16) -> list[str]:
         return await bounded_gather(range(count), self.create_conversation, concurrency)

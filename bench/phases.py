@@ -202,7 +202,7 @@ async def throughput(ctx: Context) -> dict[str, Any]:
             for loop in plan.loops
         }
         before = {loop: await client.metrics() for loop, client in clients.items()}
-        runs = await _alternate(ctx, targets, ai)
+        runs = await alternate(ctx, targets, ai)
         after = {loop: await client.wait_idle() for loop, client in clients.items()}
 
     by_loop: dict[str, Any] = {}
@@ -314,17 +314,21 @@ async def measured_run(
     )
 
 
-async def _alternate(
-    ctx: Context, targets: dict[str, Target], ai: Server
+async def alternate(
+    ctx: Context, targets: dict[str, Target], ai: Server,
+    levels: tuple[int, ...] = CONCURRENCY_LEVELS,
 ) -> dict[str, dict[int, list[LoadResult]]]:
-    """Runs every target at every level, alternating targets so drift hits all alike."""
+    """Runs every target at every level, alternating targets so drift hits all alike.
+
+    The plan's reps, duration and warm-up; each run printed as it ends.
+    """
     plan = ctx.plan
     runs: dict[str, dict[int, list[LoadResult]]] = {
-        name: {c: [] for c in CONCURRENCY_LEVELS} for name in targets
+        name: {c: [] for c in levels} for name in targets
     }
     names = list(targets)
     width = max(len(name) for name in names)
-    for connections in CONCURRENCY_LEVELS:
+    for connections in levels:
         for target in targets.values():  # unrecorded: opens connections, fills caches
             await ctx.load.run(target.server.url, target.paths, target.token, connections,
                                plan.warmup, bodies_file=target.bodies)

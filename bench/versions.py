@@ -24,26 +24,34 @@ import statistics
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
 
 from loadgen import LoadGenerator, LoadResult, write_paths, write_response_requests
-from phases import Context, Plan, fresh_bridge, measured_run, ready_conversations, ready_sessions
+from phases import (
+    Context,
+    Plan,
+    Target,
+    alternate,
+    fresh_bridge,
+    ready_conversations,
+    ready_sessions,
+)
 from procs import Processes
 
 REPS = int(os.environ.get("BENCH_VERSIONS_REPS", "4"))
 DURATION = float(os.environ.get("BENCH_VERSIONS_DURATION", "5"))
 FACES = os.environ.get("BENCH_VERSIONS_FACES", "sessions").split(",")
-LEVELS = [int(n) for n in os.environ.get("BENCH_VERSIONS_LEVELS", "1,32").split(",")]
+LEVELS = tuple(int(n) for n in os.environ.get("BENCH_VERSIONS_LEVELS", "1,32").split(","))
 SESSIONS = 256
 
 
 async def compare(versions: list[tuple[str, str]]) -> None:
     work = Path(tempfile.mkdtemp(prefix="sessionbridge-versions-"))
     procs = Processes(work)
-    ctx = Context(procs, work, Plan(), LoadGenerator(), seeded={})
+    plan = Plan(reps=REPS, duration=DURATION, warmup=1.0)
+    ctx = Context(procs, work, plan, LoadGenerator(), seeded={})
     try:
         ai = procs.devserver("ai", 0)
-        targets: dict[tuple[str, str], tuple[Any, Path, str, Path | None]] = {}
+        targets: dict[str, Target] = {}
         for name, src in versions:
             # The bridge, its key command and nothing else run from this checkout.
             os.environ["PYTHONPATH"] = str(Path(src).resolve())
@@ -51,42 +59,25 @@ async def compare(versions: list[tuple[str, str]]) -> None:
             if "sessions" in FACES:
                 ids, _ = await ready_sessions(bridge, token, SESSIONS)
                 paths = write_paths(work / f"paths-{name}.txt", ids)
-                targets[(name, "sessions")] = (bridge, paths, token, None)
+                targets[f"{name} sessions"] = Target(bridge, paths, token)
             if "responses" in FACES:
                 ids, _ = await ready_conversations(bridge, token, SESSIONS)
                 paths, bodies = write_response_requests(
                     work / f"response-paths-{name}.txt", work / f"response-bodies-{name}.txt", ids
                 )
-                targets[(name, "responses")] = (bridge, paths, token, bodies)
-        runs: dict[tuple[str, str], dict[int, list[LoadResult]]] = {
-            target: {level: [] for level in LEVELS} for target in targets
-        }
-        for level in LEVELS:
-            for bridge, paths, token, bodies in targets.values():  # warm-up, not recorded
-                await ctx.load.run(bridge.url, paths, token, level, 1.0, bodies_file=bodies)
-            for rep in range(REPS):
-                order = list(targets) if rep % 2 == 0 else list(targets)[::-1]
-                for target in order:
-                    bridge, paths, token, bodies = targets[target]
-                    result = await measured_run(
-                        ctx, bridge, ai, paths, token, level, DURATION, bodies
-                    )
-                    runs[target][level].append(result)
-                    print(f"  {target[0]:>8} {target[1]:<9} c={level:<3} rep {rep + 1}:"
-                          f" {result.rps:7.0f} msg/s  p50 {result.p50_ms:6.2f} ms  CPU/turn"
-                          f" {result.server_cpu_ms:.3f} ms (loop thread"
-                          f" {result.server_main_cpu_ms:.3f})  errors"
-                          f" {result.http_errors + result.socket_errors}", flush=True)
+                targets[f"{name} responses"] = Target(bridge, paths, token, bodies)
+        runs = await alternate(ctx, targets, ai, LEVELS)
+        width = max(len(name) for name in targets)
         print(f"\nMedians of {REPS} runs of {DURATION:.0f} s, alternated"
               " (msg/s, p50, CPU per turn: whole process and its loop thread)")
         for level in LEVELS:
-            for target, by_level in runs.items():
+            for name, by_level in runs.items():
                 results = by_level[level]
 
                 def median(field: str, results: list[LoadResult] = results) -> float:
                     return statistics.median(getattr(r, field) for r in results)
 
-                print(f"  {target[0]:>8} {target[1]:<9} c={level:<3} {median('rps'):7.0f} msg/s"
+                print(f"  {name:<{width}} c={level:<3} {median('rps'):7.0f} msg/s"
                       f"  p50 {median('p50_ms'):6.2f} ms  CPU/turn {median('server_cpu_ms'):.3f}"
                       f" ms ({median('server_main_cpu_ms'):.3f})")
     finally:
