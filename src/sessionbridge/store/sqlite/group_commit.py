@@ -14,10 +14,9 @@ Where a batch is committed depends on what a commit costs:
   the disk (WAL mode, ``synchronous`` NORMAL or OFF: an append to a file the
   kernel caches, some tens of microseconds). The writes asked while a batch
   gathers (a few turns of the loop, as long as it grows) are committed
-  together, in a callback. A hop to
-  a thread and back cost several times the commit itself (a wake-up of the
-  thread, a wake-up of the loop, and the GIL passed back and forth around
-  every SQLite call), in CPU and in latency.
+  together, in a callback. A hop to a thread and back cost several times the
+  commit itself (a wake-up of the thread, a wake-up of the loop, and the GIL
+  passed back and forth around every SQLite call), in CPU and in latency.
 - **On the writer thread** when a commit waits for the disk (``synchronous``
   FULL or EXTRA: an fsync), and for any batch the loop could not commit
   at once: the write lock held by another process (the loop never waits for
@@ -193,22 +192,26 @@ class GroupCommitWriter:
         again (a write is a pure function of the database, safe to apply
         again), waiting for the lock, and each write alone if one fails.
         """
-        connection = self._connection
         try:
-            connection.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error:
-            return None  # the lock is held elsewhere (or a fault the thread will report)
+            values = self._transaction(ops)
+        except Exception:
+            # The lock held elsewhere, a failing write, or a fault: the thread's
+            # attempt waits for the lock, or fails the write alone and reports it.
+            return None
+        return [(True, value) for value in values]
+
+    def _transaction(self, ops: list[WriteOp]) -> list[Any]:
+        """``ops`` in one transaction, committed; rolled back when any of them raises."""
+        connection = self._connection
+        connection.execute("BEGIN IMMEDIATE")
         try:
             values = [op(connection) for op in ops]
             connection.execute("COMMIT")
-        except Exception:
-            try:
-                if connection.in_transaction:
-                    connection.execute("ROLLBACK")
-            except sqlite3.Error:
-                pass  # the thread's attempt rolls it back or reports the fault
-            return None
-        return [(True, value) for value in values]
+        except BaseException:
+            if connection.in_transaction:
+                connection.execute("ROLLBACK")
+            raise
+        return values
 
     def _resolve(self, batch: _Batch, outcomes: list[_Outcome]) -> None:
         """On the event loop: settle a batch's writers, start the next batch."""
@@ -252,27 +255,17 @@ class GroupCommitWriter:
         a transaction of its own, so that one failure fails only its own write.
         (A write is a pure function of the database, safe to apply again.)
         """
-        connection = self._connection
         if len(ops) > 1:
             try:
-                connection.execute("BEGIN IMMEDIATE")
-                values = [op(connection) for op in ops]
-                connection.execute("COMMIT")
-                return [(True, value) for value in values]
+                return [(True, value) for value in self._transaction(ops)]
             except Exception:
-                if connection.in_transaction:
-                    connection.execute("ROLLBACK")
+                pass  # each write alone, below
         return [self._apply_one(op) for op in ops]
 
     def _apply_one(self, op: WriteOp) -> _Outcome:
-        connection = self._connection
         try:
-            connection.execute("BEGIN IMMEDIATE")
-            value = op(connection)
-            connection.execute("COMMIT")
+            [value] = self._transaction([op])
         except Exception as exc:
-            if connection.in_transaction:
-                connection.execute("ROLLBACK")
             # A storage fault is logged once, as its writer gets it (run()).
             return (False, exc)
         return (True, value)
