@@ -15,6 +15,8 @@ from tests.doubles import wait_until
 # FULL waits for the disk at each commit: batches go to the writer thread.
 # NORMAL does not: they are committed on the event loop.
 SYNCHRONOUS = {"thread": "FULL", "loop": "NORMAL"}
+# Turns of the event loop until a write nothing joined is committed and its writer goes on.
+LONE_WRITE_TURNS = 2
 
 
 @pytest.fixture(params=sorted(SYNCHRONOUS))
@@ -112,3 +114,20 @@ async def test_a_write_of_many_rows_is_committed(
     assert results == [5000, 1000]
     assert count(tmp_path / "w.db") == 1001
 
+
+
+async def test_a_write_alone_is_committed_at_the_first_look(
+    writer: GroupCommitWriter, tmp_path: Path
+) -> None:
+    if not writer.on_loop:
+        pytest.skip("the thread commits every batch it is handed")
+    write = asyncio.create_task(writer.run(insert(1)))
+    await asyncio.sleep(0)  # one turn of the loop: the write is asked
+    turns = 0
+    while not write.done():
+        await asyncio.sleep(0)  # one more turn of the loop, nothing timed
+        turns += 1
+
+    # One turn to commit it (no other write joined), one for its task to go on.
+    assert turns <= LONE_WRITE_TURNS
+    assert write.result() == 1 and count(tmp_path / "w.db") == 1
