@@ -92,6 +92,21 @@ async def test_a_client_that_goes_away_does_not_stop_its_turn(store: SqliteStore
     ]
 
 
+async def test_the_store_reads_the_turns_in_flight_from_the_service(store: SqliteStore) -> None:
+    # The SQLite writer commits a write in its caller when no other turn is
+    # in flight (group_commit.py): what it reads is the service's own count.
+    ai, service, key, session_id = await start_held(store, "counted")
+    in_flight = store._writer._turns_in_flight
+    assert in_flight is not None and in_flight() == 0
+    turn = asyncio.create_task(service.answer_here(key, session_id, "one", None))
+    await ai.wait_entered()
+
+    assert in_flight() == 1
+    ai.release()
+    assert (await turn).reply.content == "counted"
+    assert in_flight() == 0
+
+
 async def test_shutdown_waits_for_a_turn_answered_in_its_callers_task_not_for_the_caller(
     store: SqliteStore,
 ) -> None:

@@ -80,9 +80,12 @@ async def test_close_commits_what_is_pending(tmp_path: Path) -> None:
     assert count(tmp_path / "c.db") == 5
 
 
+@pytest.mark.parametrize("turns_in_flight", [0, 2])
 async def test_a_write_waits_for_a_lock_another_connection_holds(
-    writer: GroupCommitWriter, tmp_path: Path
+    writer: GroupCommitWriter, tmp_path: Path, turns_in_flight: int
 ) -> None:
+    # Alone (committed in its caller) or in company (gathered), alike.
+    writer.watch_turns(lambda: turns_in_flight)
     holder = sqlite3.connect(tmp_path / "w.db", isolation_level=None)
     holder.execute("BEGIN IMMEDIATE")
     # Neither path gives up at once: the loop hands the batch to the thread,
@@ -131,3 +134,31 @@ async def test_a_write_alone_is_committed_at_the_first_look(
     # One turn to commit it (no other write joined), one for its task to go on.
     assert turns <= LONE_WRITE_TURNS
     assert write.result() == 1 and count(tmp_path / "w.db") == 1
+
+
+async def test_a_write_with_no_other_turn_in_flight_is_committed_in_its_caller(
+    writer: GroupCommitWriter, tmp_path: Path
+) -> None:
+    if not writer.on_loop:
+        pytest.skip("the thread commits every batch it is handed")
+    writer.watch_turns(lambda: 1)  # the writer's own turn only
+    write = asyncio.create_task(writer.run(insert(1)))
+    await asyncio.sleep(0)  # one turn of the loop: the write's task runs, once
+
+    assert write.done() and write.result() == 1
+    assert count(tmp_path / "w.db") == 1
+
+
+async def test_writes_of_turns_in_flight_together_are_committed_together(
+    writer: GroupCommitWriter, tmp_path: Path
+) -> None:
+    if not writer.on_loop:
+        pytest.skip("the thread takes the first write before the second is asked")
+    writer.watch_turns(lambda: 2)
+    before = writer.batches
+
+    results = await asyncio.gather(writer.run(insert(1)), writer.run(insert(2)))
+
+    assert results == [1, 2] and writer.batches == before + 1
+    assert count(tmp_path / "w.db") == 2
+

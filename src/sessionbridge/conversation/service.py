@@ -86,6 +86,8 @@ class Conversations:
         self._rows = SessionRows(store)
         self._followers = Followers(store, self._running, self._spawn)
         self._coordination.on_cancel(self._cancel_by_pk)
+        # Every turn holds its session's lock entry while it runs or waits.
+        store.watch_turns(self.locks.__len__)
 
     # -- the session row cache ---------------------------------------------------------
 

@@ -6,7 +6,7 @@ agree on turns is the :class:`~.coordination.Coordination` it hands out.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -52,6 +52,13 @@ class Store(Protocol):
 
     async def ping(self) -> None: ...
     async def close(self) -> None: ...
+    def watch_turns(self, in_flight: Callable[[], int]) -> None:
+        """How to read the number of turns in flight in this process.
+
+        A store that gathers concurrent writes into one commit need not wait
+        for company when no other turn is running.
+        """
+        ...
 
     async def create_key(self, name: str, token_hash: bytes) -> ApiKey: ...
     async def list_keys(self) -> list[ApiKey]: ...

@@ -16,7 +16,7 @@ import asyncio
 import dataclasses
 import logging
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import asyncpg
@@ -118,6 +118,9 @@ class PostgresStore(PoolQueries):
         except TimeoutError:
             # A connection still busy (the server hung): do not wait for it.
             self._pool.terminate()
+
+    def watch_turns(self, in_flight: Callable[[], int]) -> None:
+        """Nothing to read it for: each write is a transaction on a connection of its own."""
 
     async def ping(self) -> None:
         """Return if the database can take a write now, else raise StorageUnavailable.

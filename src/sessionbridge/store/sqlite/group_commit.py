@@ -17,6 +17,10 @@ Where a batch is committed depends on what a commit costs:
   together, in a callback. A hop to a thread and back cost several times the
   commit itself (a wake-up of the thread, a wake-up of the loop, and the GIL
   passed back and forth around every SQLite call), in CPU and in latency.
+- **In the caller**, where the loop would commit it, when no other turn is in
+  flight (``watch_turns``) and no batch is gathering: nothing would join the
+  write, so it is committed at once, without the turns of the loop a batch
+  waits (one client: two writes a turn, each a loop turn and a wake-up sooner).
 - **On the writer thread** when a commit waits for the disk (``synchronous``
   FULL or EXTRA: an fsync), and for any batch the loop could not commit
   at once: the write lock held by another process (the loop never waits for
@@ -73,6 +77,8 @@ class GroupCommitWriter:
         # thread sets ``busy_ms`` around its own batches).
         self._on_loop = on_loop
         self._busy_ms = busy_ms
+        # The turns in flight, when known (watch_turns); None: every write gathers.
+        self._turns_in_flight: Callable[[], int] | None = None
         self.batches = 0  # batches committed (or failed) so far; read by the checkpointer
         self._closing = False
         self._idle = asyncio.Event()
@@ -120,6 +126,17 @@ class GroupCommitWriter:
         """
         if self._closing:
             raise RuntimeError("the database writer is closed")
+        if quick and self._on_loop and not self._in_flight and self._alone():
+            # No other turn is in flight: no write is coming to join this one,
+            # and a turn of the loop spent waiting for one is only latency.
+            try:
+                [value] = self._transaction([op])
+            except Exception:
+                pass  # the lock held elsewhere or a failing write: as any batch, below
+            else:
+                self.batches += 1
+                result: T = value
+                return result
         future: asyncio.Future[T] = self._loop.create_future()
         self._pending.append((op, future, quick))
         if not self._in_flight:
@@ -131,6 +148,18 @@ class GroupCommitWriter:
             if error is None:
                 raise
             raise error from exc
+
+    def watch_turns(self, in_flight: Callable[[], int]) -> None:
+        """Read ``in_flight()``, the turns in flight, before gathering a write into a batch.
+
+        With at most one (the writer's own), a write asked while no batch is
+        gathering is committed in its caller, without a turn of the loop.
+        """
+        self._turns_in_flight = in_flight
+
+    def _alone(self) -> bool:
+        in_flight = self._turns_in_flight
+        return in_flight is not None and in_flight() <= 1
 
     async def close(self) -> None:
         """Commit what is pending, then close the connection and stop the thread."""

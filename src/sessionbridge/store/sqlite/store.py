@@ -19,7 +19,7 @@ import os
 import sqlite3
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import aiosqlite
@@ -217,6 +217,9 @@ class SqliteStore:
             await writer.close()
             raise
         return cls(writer, readers[0], readers[1], key_cache_seconds, path, here)
+
+    def watch_turns(self, in_flight: Callable[[], int]) -> None:
+        self._writer.watch_turns(in_flight)
 
     async def close(self) -> None:
         self._checkpoints.cancel()
