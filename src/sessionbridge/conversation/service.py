@@ -485,6 +485,8 @@ class Conversations:
                 kind = reply.kind
             if reply.text.strip():
                 piece_ends = gate.finish(reply.text)
+                if gate.text == reply.text and kind == reply.kind:
+                    return reply, piece_ends  # as it came: no copy (the usual turn)
                 return dataclasses.replace(reply, text=gate.text, kind=kind), piece_ends
             gate.discard()
             self._metrics.count_empty_reply()
