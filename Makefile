@@ -81,8 +81,9 @@ test: system-deps $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[bench]'
 	@# wrk is the load generator; without it (not root, no apt) bench/run.py
-	@# falls back to a Python generator and says so.
-	command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; } || true
+	@# falls back to a Python generator and says so; strace counts system calls
+	@# in the profile part (left out, with a note, when missing).
+	command -v wrk >/dev/null && command -v strace >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk strace; } || true
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 ## lint: style and strict typing of the package

@@ -18,6 +18,12 @@ of the same length on the same bridge:
    the event loop's thread: calls per turn of every function (favoured too:
    cProfile's clock is the wall clock).
 
+4. strace, when installed: ``strace -c -f`` counts the bridge's system calls
+   (every thread) over a fourth run, per turn. strace slows the process many
+   times over, so only its counts are read, never its times: at one client
+   they show what each SQLite commit asks of the kernel (two ``pwrite`` a
+   WAL frame, the WAL index's ``fcntl`` locks).
+
 The timed run also counts the garbage collector's runs and CPU (launch.py's
 ``--gc-stats``); its hook is taken out during the two profiled runs.
 
@@ -691,6 +697,72 @@ async def _cprofile_window(
     return window
 
 
+def strace_path() -> str | None:
+    return shutil.which("strace")
+
+
+def parse_strace_counts(text: str) -> dict[str, int]:
+    """``strace -c``'s table as {system call: calls}, the total row left out."""
+    counts: dict[str, int] = {}
+    for line in text.splitlines():
+        parts = line.split()
+        # % time, seconds, usecs/call, calls, [errors,] syscall
+        if len(parts) in (5, 6) and parts[3].isdigit() and parts[-1] != "total":
+            counts[parts[-1]] = int(parts[3])
+    return counts
+
+
+async def _strace_window(
+    ctx: Context, bridge: Server, ai: Server, paths: Path, token: str, strace: str, out: Path,
+    bodies: Path | None = None,
+) -> Window:
+    process = await asyncio.create_subprocess_exec(
+        strace, "-c", "-f", "-p", str(bridge.pid), "-o", str(out),
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+    )
+    assert process.stderr is not None
+    try:
+        # Attached once strace says so for the process (then for each thread).
+        async with asyncio.timeout(PYSPY_START_DEADLINE):
+            while b"attached" not in (line := await process.stderr.readline()):
+                if not line:  # no ptrace rights over the bridge, say
+                    raise RuntimeError("strace exited before attaching")
+        window = await _window(ctx, bridge, ai, paths, token, None, bodies)
+        process.send_signal(signal.SIGINT)  # strace detaches and writes its table
+        async with asyncio.timeout(PYSPY_STOP_DEADLINE):
+            await process.stderr.read()
+            await process.wait()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    return window
+
+
+async def _strace_section(
+    ctx: Context, bridge: Server, ai: Server, paths: Path, token: str, bodies: Path | None,
+) -> tuple[Window, dict[str, int]] | str:
+    """The strace run and its counts, or why there are none."""
+    strace = strace_path()
+    if strace is None:
+        return "strace is not installed (apt-get install strace): no system-call counts"
+    out = ctx.workdir / "bridge-strace.txt"
+    try:
+        window = await _strace_window(ctx, bridge, ai, paths, token, strace, out, bodies)
+    except (RuntimeError, TimeoutError) as exc:
+        return f"strace could not count the bridge's system calls: {exc}"
+    return window, parse_strace_counts(out.read_text(errors="replace"))
+
+
+def strace_text(counts: dict[str, int], turns: int) -> str:
+    total = sum(counts.values())
+    rows = [f"System calls per turn over {turns:,} turns (every thread; the counts only,"
+            f" strace's own slowing makes its times meaningless): {total / max(turns, 1):.1f}"]
+    for name, calls in sorted(counts.items(), key=lambda kv: -kv[1])[:12]:
+        rows.append(f"  {calls / max(turns, 1):8.2f}  {name}")
+    return "\n".join(rows) + "\n"
+
+
 def _window_line(name: str, window: Window) -> str:
     r = window.result
     line = (f"  {name:<20}{r.rps:6.0f} msg/s  p50 {r.p50_ms:6.2f} ms  CPU/turn"
@@ -797,6 +869,19 @@ async def phase(ctx: Context) -> dict[str, Any]:
         result.setdefault("files", {})["cprofile_pstats"] = str(pstats_path)
         sections.append("== cProfile (deterministic, the event loop's thread)\n\n" + text)
 
+    traced = await _strace_section(ctx, bridge, ai, paths, token, bodies)
+    if isinstance(traced, str):
+        sections.append(traced)
+    else:
+        window, counts = traced
+        print(_window_line("under strace", window), flush=True)
+        runs.append(_window_line("under strace", window))
+        requests = window.result.requests
+        result["strace"] = {"run": window.summary(), "calls_per_turn": {
+            name: calls / max(requests, 1) for name, calls in counts.items()}}
+        sections.append("== strace (system calls, every thread)\n\n"
+                        + strace_text(counts, requests))
+
     for server in (bridge, ai):
         ctx.procs.stop(server)
     lines = [header, "",
@@ -831,6 +916,11 @@ def summary(result: dict[str, Any], limit: int = 8) -> Iterable[str]:
         for name, us in sorted(spy["us_per_turn_by_concern"].items(),
                                key=lambda kv: -kv[1])[:limit]:
             yield f"    {share(us)}  {name}"
+    traced = result.get("strace")
+    if traced:
+        calls = sorted(traced["calls_per_turn"].items(), key=lambda kv: -kv[1])
+        yield (f"  system calls per turn (strace): {sum(v for _, v in calls):.1f}; "
+               + "; ".join(f"{value:.1f} {name}" for name, value in calls[:6]))
     cprof = result.get("cprofile")
     if cprof:
         calls = cprof["calls_per_turn"]
