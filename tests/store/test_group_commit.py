@@ -118,22 +118,28 @@ async def test_a_write_of_many_rows_is_committed(
     assert count(tmp_path / "w.db") == 1001
 
 
+async def turns_to_commit(writer: GroupCommitWriter) -> int:
+    """Turns of the loop, after the one that asks a write, until it is committed and its writer
+    goes on (nothing timed)."""
+    write = asyncio.create_task(writer.run(insert(1)))
+    await asyncio.sleep(0)  # one turn of the loop: the write is asked
+    turns = 0
+    while not write.done():
+        await asyncio.sleep(0)
+        turns += 1
+    assert write.result() == 1
+    return turns
+
 
 async def test_a_write_alone_is_committed_at_the_first_look(
     writer: GroupCommitWriter, tmp_path: Path
 ) -> None:
     if not writer.on_loop:
         pytest.skip("the thread commits every batch it is handed")
-    write = asyncio.create_task(writer.run(insert(1)))
-    await asyncio.sleep(0)  # one turn of the loop: the write is asked
-    turns = 0
-    while not write.done():
-        await asyncio.sleep(0)  # one more turn of the loop, nothing timed
-        turns += 1
 
     # One turn to commit it (no other write joined), one for its task to go on.
-    assert turns <= LONE_WRITE_TURNS
-    assert write.result() == 1 and count(tmp_path / "w.db") == 1
+    assert await turns_to_commit(writer) <= LONE_WRITE_TURNS
+    assert count(tmp_path / "w.db") == 1
 
 
 async def test_a_write_with_no_other_turn_in_flight_is_committed_in_its_caller(
@@ -142,10 +148,8 @@ async def test_a_write_with_no_other_turn_in_flight_is_committed_in_its_caller(
     if not writer.on_loop:
         pytest.skip("the thread commits every batch it is handed")
     writer.watch_turns(lambda: 1)  # the writer's own turn only
-    write = asyncio.create_task(writer.run(insert(1)))
-    await asyncio.sleep(0)  # one turn of the loop: the write's task runs, once
 
-    assert write.done() and write.result() == 1
+    assert await turns_to_commit(writer) == 0  # done in the turn that asked it
     assert count(tmp_path / "w.db") == 1
 
 
