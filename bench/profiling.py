@@ -59,8 +59,8 @@ from procs import Server, cpu_seconds
 
 TOP = 25
 PACKAGE = "sessionbridge/"
-PYSPY_START_DEADLINE = 15.0
-PYSPY_STOP_DEADLINE = 120.0
+PROFILER_START_DEADLINE = 15.0
+PROFILER_STOP_DEADLINE = 120.0
 CPROFILE_WRITE_DEADLINE = 60.0
 GC_STATS_DEADLINE = 10.0
 GC_STATS_SIGNAL = signal.SIGRTMIN + 1  # as bench/launch.py
@@ -639,7 +639,7 @@ async def _pyspy_window(
     said: list[str] = []
     try:
         # Sampling has started once py-spy says so; only then does the load start.
-        async with asyncio.timeout(PYSPY_START_DEADLINE):
+        async with asyncio.timeout(PROFILER_START_DEADLINE):
             while True:
                 line = (await process.stdout.readline()).decode(errors="replace")
                 if not line:
@@ -660,7 +660,7 @@ async def _pyspy_window(
         finally:
             os.kill(bridge.pid, GC_HOOK_TOGGLE_SIGNAL)
         process.send_signal(signal.SIGINT)  # py-spy writes its file on Ctrl-C
-        async with asyncio.timeout(PYSPY_STOP_DEADLINE):
+        async with asyncio.timeout(PROFILER_STOP_DEADLINE):
             said.append((await reader).decode(errors="replace"))
             await process.wait()
     finally:
@@ -723,13 +723,13 @@ async def _strace_window(
     assert process.stderr is not None
     try:
         # Attached once strace says so for the process (then for each thread).
-        async with asyncio.timeout(PYSPY_START_DEADLINE):
+        async with asyncio.timeout(PROFILER_START_DEADLINE):
             while b"attached" not in (line := await process.stderr.readline()):
                 if not line:  # no ptrace rights over the bridge, say
                     raise RuntimeError("strace exited before attaching")
         window = await _window(ctx, bridge, ai, paths, token, None, bodies)
         process.send_signal(signal.SIGINT)  # strace detaches and writes its table
-        async with asyncio.timeout(PYSPY_STOP_DEADLINE):
+        async with asyncio.timeout(PROFILER_STOP_DEADLINE):
             await process.stderr.read()
             await process.wait()
     finally:

@@ -129,13 +129,11 @@ class GroupCommitWriter:
         if quick and self._on_loop and not self._in_flight and self._alone():
             # No other turn is in flight: no write is coming to join this one,
             # and a turn of the loop spent waiting for one is only latency.
-            try:
-                [value] = self._transaction([op])
-            except Exception:
-                pass  # the lock held elsewhere or a failing write: as any batch, below
-            else:
+            # Not committed (the lock held elsewhere, a failing write): as any batch, below.
+            outcomes = self._apply_here([op])
+            if outcomes is not None:
                 self.batches += 1
-                result: T = value
+                result: T = outcomes[0][1]
                 return result
         future: asyncio.Future[T] = self._loop.create_future()
         self._pending.append((op, future, quick))
