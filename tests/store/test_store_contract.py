@@ -543,13 +543,20 @@ async def test_a_store_answers_its_ping(store: Store) -> None:
 # -- conversations, chains and responses (the OpenAI face) -------------------------------------
 
 
-def a_response(
-    key: ApiKey, session: ChatSession | None, response_id: str = "resp_1"
-) -> ResponseRow:
+def a_response(key: ApiKey, session: ChatSession, response_id: str = "resp_1") -> ResponseRow:
+    """A response to store with its question (its pk is the store's)."""
     return ResponseRow(
-        0, response_id, key.id, None if session is None else session.pk, 1_700_000_000,
+        0, response_id, key.id, session.pk, 1_700_000_000,
         "model-x", f"msg_{response_id}", '{"input": "Grüße 😀"}',
     )
+
+
+async def stored_response(store: Store, key: ApiKey, session: ChatSession) -> ResponseRow:
+    """A response stored with its question, read back for its pk."""
+    await store.begin_turn(session.pk, "q", response=a_response(key, session))
+    read = await store.get_response(key.id, "resp_1")
+    assert read is not None
+    return read
 
 
 async def test_a_session_gets_a_new_uuid_and_kind_session_unless_told(store: Store) -> None:
@@ -796,15 +803,14 @@ async def test_history_joins_the_user_messages_before_an_answer_into_one_turn(
     assert [(t.seq, t.user) for t in await store.history(session.pk, from_seq=5)] == [(5, "q")]
 
 
-async def test_a_question_is_stored_after_its_context_and_linked_to_its_response(
+async def test_a_question_is_stored_after_its_context_and_with_its_response(
     store: Store,
 ) -> None:
     key, session = await key_and_session(store)
     await answered_turn(store, session, "q0", "a0")
-    response = await store.create_response(a_response(key, session))
 
     question = await store.begin_turn(
-        session.pk, "q1", response_pk=response.pk,
+        session.pk, "q1", response=a_response(key, session),
         context=[ContextMessage("user", "c1"), ContextMessage("assistant", "c2")],
     )
 
@@ -819,8 +825,7 @@ async def test_a_question_is_stored_after_its_context_and_linked_to_its_response
     assert read is not None and read.message_count == 5
     running = await store.get_response(key.id, "resp_1")
     assert running is not None and (running.question, running.answer) == (question, None)
-    by_question = await store.response_for_question(question.pk)
-    assert by_question is not None and by_question.pk == response.pk
+    assert await store.response_for_question(question.pk) == running
 
     answer = await store.finish_turn(session.pk, question.pk, "a1", "reused")
 
@@ -831,15 +836,29 @@ async def test_a_question_is_stored_after_its_context_and_linked_to_its_response
         (1, "q0", "a0"), (3, "c1", "c2"), (5, "q1", "a1")]
 
 
-async def test_a_question_linked_to_its_response_without_context(store: Store) -> None:
+async def test_a_question_is_stored_with_its_response_without_context(store: Store) -> None:
     key, session = await key_and_session(store)
-    response = await store.create_response(a_response(key, session))
 
-    question = await store.begin_turn(session.pk, "q", response_pk=response.pk)
+    question = await store.begin_turn(session.pk, "q", response=a_response(key, session))
 
     assert question.seq == 1
     read = await store.get_response(key.id, "resp_1")
     assert read is not None and read.question == question
+
+
+async def test_a_refused_question_stores_no_response(store: Store) -> None:
+    key, session = await key_and_session(store)
+    other = await store.create_session(key.id, None, "s", 10)
+    start = IdempotencyStart(key.id, "k-1", "fp-1", 1000.0)
+    await store.begin_turn(session.pk, "q", idempotency=start)
+
+    with pytest.raises(IdempotencyInProgress):
+        await store.begin_turn(
+            other.pk, "q", idempotency=start, response=a_response(key, other, "resp_refused")
+        )
+
+    assert await store.get_response(key.id, "resp_refused") is None
+    assert await store.list_messages(other.pk, 10, None) == []
 
 
 async def test_an_idempotent_question_with_context_is_recorded_and_refused_while_running(
@@ -903,11 +922,13 @@ async def test_an_answer_cut_by_its_token_limit_makes_its_response_incomplete(
     store: Store,
 ) -> None:
     key, session = await key_and_session(store)
-    cut = await store.create_response(a_response(key, session, "resp_cut"))
-    whole = await store.create_response(a_response(key, session, "resp_whole"))
-    question = await store.begin_turn(session.pk, "long", response_pk=cut.pk)
+    question = await store.begin_turn(
+        session.pk, "long", response=a_response(key, session, "resp_cut")
+    )
     await store.finish_turn(session.pk, question.pk, "partial", "created", truncated=True)
-    question = await store.begin_turn(session.pk, "short", response_pk=whole.pk)
+    question = await store.begin_turn(
+        session.pk, "short", response=a_response(key, session, "resp_whole")
+    )
     await store.finish_turn(session.pk, question.pk, "whole", "reused")
 
     read_cut = await store.get_response(key.id, "resp_cut")
@@ -922,18 +943,18 @@ async def test_a_response_is_stored_and_read_back_by_its_owner_only(store: Store
     key, session = await key_and_session(store)
     stranger = await store.create_key("stranger", b"h-stranger")
 
-    made = await store.create_response(a_response(key, session))
-    loose = await store.create_response(a_response(key, None, "resp_loose"))
+    question = await store.begin_turn(session.pk, "q", response=a_response(key, session))
+    await store.fail_turn(session.pk, question.pk)
+    await store.begin_turn(session.pk, "q2", response=a_response(key, session, "resp_2"))
 
-    assert made.pk > 0 and loose.pk not in (0, made.pk)
     read = await store.get_response(key.id, "resp_1")
-    assert read == made  # no question yet: no question, no answer
+    assert read is not None and read.pk > 0 and read.session_pk == session.pk
     assert (read.body, read.created_at, read.model, read.output_message_id) == (
         '{"input": "Grüße 😀"}', 1_700_000_000, "model-x", "msg_resp_1")
-    assert (read.continued, read.incomplete, read.question, read.answer) == (
-        False, False, None, None)
-    assert await store.get_response(key.id, "resp_loose") == loose
-    assert loose.session_pk is None
+    assert (read.continued, read.incomplete, read.answer) == (False, False, None)
+    assert read.question is not None and read.question.pk == question.pk
+    second = await store.get_response(key.id, "resp_2")
+    assert second is not None and second.pk not in (0, read.pk)
     assert await store.get_response(stranger.id, "resp_1") is None
     assert await store.get_response(key.id, "resp_nothing") is None
     assert await store.response_for_question(123456) is None
@@ -941,8 +962,7 @@ async def test_a_response_is_stored_and_read_back_by_its_owner_only(store: Store
 
 async def test_a_response_with_a_failed_question_has_no_answer(store: Store) -> None:
     key, session = await key_and_session(store)
-    response = await store.create_response(a_response(key, session))
-    question = await store.begin_turn(session.pk, "q", response_pk=response.pk)
+    question = await store.begin_turn(session.pk, "q", response=a_response(key, session))
 
     await store.fail_turn(session.pk, question.pk, error_code="upstream_timeout")
 
@@ -955,7 +975,7 @@ async def test_a_response_with_a_failed_question_has_no_answer(store: Store) -> 
 async def test_a_response_is_deleted_by_its_owner_only(store: Store) -> None:
     key, session = await key_and_session(store)
     stranger = await store.create_key("stranger", b"h-stranger")
-    await store.create_response(a_response(key, session))
+    await store.begin_turn(session.pk, "q", response=a_response(key, session))
 
     assert await store.delete_response(stranger.id, "resp_1") is False
     assert await store.delete_response(key.id, "resp_1") is True
@@ -966,7 +986,7 @@ async def test_a_response_is_deleted_by_its_owner_only(store: Store) -> None:
 
 async def test_deleting_a_session_deletes_its_responses(store: Store) -> None:
     key, session = await key_and_session(store)
-    await store.create_response(a_response(key, session))
+    await store.begin_turn(session.pk, "q", response=a_response(key, session))
 
     await store.delete_session(key.id, session.id)
 
@@ -975,7 +995,7 @@ async def test_deleting_a_session_deletes_its_responses(store: Store) -> None:
 
 async def test_a_response_is_continued_by_one_claim_at_a_time(store: Store) -> None:
     key, session = await key_and_session(store)
-    response = await store.create_response(a_response(key, session))
+    response = await stored_response(store, key, session)
 
     assert await store.claim_continuation(response.pk) is True
     assert await store.claim_continuation(response.pk) is False
@@ -992,7 +1012,7 @@ async def test_a_response_is_continued_by_one_claim_at_a_time(store: Store) -> N
 async def test_concurrent_claims_of_a_continuation_give_it_to_one(backend: Backend) -> None:
     first, second = await backend.open(), await backend.open()
     key, session = await key_and_session(first)
-    response = await first.create_response(a_response(key, session))
+    response = await stored_response(first, key, session)
 
     claims = await asyncio.gather(
         *(store.claim_continuation(response.pk) for _ in range(5) for store in (first, second))

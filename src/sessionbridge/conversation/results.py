@@ -7,7 +7,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..records import AISessionKind, ApiKey, ContextMessage, IdempotencyStart, Message
+from ..records import (
+    AISessionKind,
+    ApiKey,
+    ContextMessage,
+    IdempotencyStart,
+    Message,
+    ResponseRow,
+)
 from ..turn_events import TurnEvents
 
 
@@ -59,8 +66,8 @@ class TurnOptions:
     # Let the AI session go even if the scenario is the same (context brought
     # answers the AI server has not seen).
     fresh_ai_session: bool = False
-    # The response this turn answers (its row learns the question).
-    response_pk: int | None = None
+    # The response this turn answers: stored with its question.
+    response: ResponseRow | None = None
     sampling: Mapping[str, float] = field(default_factory=_nothing)
     # May the oldest turns be dropped to fit the context?
     trim: bool = True

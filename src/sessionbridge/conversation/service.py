@@ -296,7 +296,7 @@ class Conversations:
                 return await self._followers.elsewhere(key, session_id, idempotency_key, record)
             # A failed attempt is tried again on the same question row (a
             # response is a new one, in a line of its own choosing).
-            if options.response_pk is None:
+            if options.response is None:
                 retry_message_pk = record.user_message_pk
         idempotency = IdempotencyStart(key.id, idempotency_key, fingerprint, time.time())
         return await self._start(
@@ -383,7 +383,7 @@ class Conversations:
             question = await self._store.begin_turn(
                 session.pk, ask.content, retry_message_pk=ask.retry_message_pk,
                 idempotency=ask.idempotency, context=options.context,
-                response_pk=options.response_pk,
+                response=options.response,
             )
         except SessionGone:
             self.forget(session.id)

@@ -51,8 +51,6 @@ log = logging.getLogger(__name__)
 
 # How long a cancel waits for the cut-off turn to record its end.
 CANCEL_WAIT = 5.0
-# A follower of a response still waiting for its turn looks for its question this often.
-QUEUED_POLL = 0.1
 
 
 def new_id(prefix: str) -> str:
@@ -121,18 +119,18 @@ class Responses:
         line = await choose_line(self._store, key, request, max_tokens)
         try:
             plan = await plan_turn(self._store, request, line)
-            row = await self._store.create_response(
-                self._new_row(key, request, line, len(plan.context))
-            )
         except BaseException:
-            await self._undo(line, None)
+            await self._undo(line)
             raise
+        # Stored with its question, in the question's transaction: its pk
+        # stays unknown here (nothing needs it) and one commit is saved.
+        row = self._new_row(key, request, line, len(plan.context))
         options = TurnOptions(
             context=plan.context,
             prompt_prefix=plan.prompt_prefix,
             scenario=plan.scenario,
             fresh_ai_session=plan.fresh_ai_session,
-            response_pk=row.pk,
+            response=row,
             sampling={
                 name: value
                 for name, value in (("temperature", request.temperature), ("top_p", request.top_p))
@@ -149,13 +147,13 @@ class Responses:
                 options=options,
             )
         except BaseException:
-            await self._undo(line, row)
+            await self._undo(line)
             raise
         if idempotency_key is not None and turn.question is not None:
             mine = await self._store.response_for_question(turn.question.pk)
-            if mine is not None and mine.pk != row.pk:
+            if mine is not None and mine.id != row.id:
                 # An identical request ran first: this one follows it.
-                await self._undo(line, row)
+                await self._undo(line)
                 return Started(mine, turn)
         turn.outcome.add_done_callback(lambda done: self._settled(done, line, row))
         return Started(row, turn, line)
@@ -244,11 +242,9 @@ class Responses:
             incomplete=result.truncated,
         )
 
-    async def _undo(self, line: Line, row: ResponseRow | None) -> None:
+    async def _undo(self, line: Line) -> None:
         """A response refused before its question was stored leaves nothing behind."""
         with contextlib.suppress(Exception):
-            if row is not None:
-                await self._store.delete_response(row.api_key_id, row.id)
             if line.claimed is not None:
                 await self._store.release_continuation(line.claimed.pk)
             if line.created:
@@ -280,17 +276,13 @@ class Responses:
         return row
 
     async def events(self, key: ApiKey, row: ResponseRow) -> TurnEvents | None:
-        """The turn events of a response from their start (None while it waits for its turn)."""
+        """The turn events of a response from their start; None once its question is deleted.
+
+        (A response is stored with its question, so a stored one always had one.)
+        """
         question = row.question
         if question is None:
-            for _ in range(int(60 / QUEUED_POLL)):
-                await asyncio.sleep(QUEUED_POLL)  # observed state: the question being stored
-                row = await self.get(key, row.id)
-                if row.question is not None:
-                    question = row.question
-                    break
-            if question is None:
-                return None
+            return None
         body = jsoncodec.loads_text(row.body)
         return await self._conversations.follow(key, body["session_id"], question.id)
 

@@ -134,11 +134,13 @@ class Store(Protocol):
         retry_message_pk: int | None = None,
         idempotency: IdempotencyStart | None = None,
         context: Sequence[ContextMessage] = (),
-        response_pk: int | None = None,
+        response: ResponseRow | None = None,
     ) -> Message:
         """Store the question as pending, after ``context`` (answered context messages).
 
-        ``response_pk``: the response this question asks (its row learns the question).
+        ``response``: the response this question asks, stored with it in the
+        same transaction (its ``pk`` is ignored), so a response is never
+        stored without its question.
         """
         ...
     async def set_ai_session(self, session_pk: int, ai_session_id: str) -> None: ...
@@ -177,10 +179,6 @@ class Store(Protocol):
         ...
 
     # -- responses of the OpenAI face ------------------------------------------------------
-
-    async def create_response(self, row: ResponseRow) -> ResponseRow:
-        """Store a new response (its pk is given by the store)."""
-        ...
 
     async def get_response(self, api_key_id: int, response_id: str) -> ResponseRow | None:
         """The response with its question and answer as they are now."""

@@ -383,16 +383,16 @@ class PostgresStore(PoolQueries):
         retry_message_pk: int | None = None,
         idempotency: IdempotencyStart | None = None,
         context: Sequence[ContextMessage] = (),
-        response_pk: int | None = None,
+        response: ResponseRow | None = None,
     ) -> Message:
         """Store the user message as pending (or take a failed one up again).
 
-        A new question alone is one statement; with context before it, a
-        response to link or a failed question taken up again, one transaction.
+        A new question alone is one statement; with context before it, its
+        response, or a failed question taken up again, one transaction.
         """
-        if retry_message_pk is not None or context or response_pk is not None:
+        if retry_message_pk is not None or context or response is not None:
             return await self._begin_in_transaction(
-                session_pk, content, retry_message_pk, idempotency, context, response_pk
+                session_pk, content, retry_message_pk, idempotency, context, response
             )
         message_id = time_ordered_id()
         args: list[Any] = [
@@ -421,14 +421,14 @@ class PostgresStore(PoolQueries):
         retry_message_pk: int | None,
         idempotency: IdempotencyStart | None,
         context: Sequence[ContextMessage],
-        response_pk: int | None,
+        response: ResponseRow | None,
     ) -> Message:
         """``begin_turn`` as one transaction holding the session row.
 
         The context messages (answered) come first, then the question: a new
         one, or a failed one taken up again (``retry_message_pk``). The
-        idempotency record and the response's link to its question are
-        written in the same transaction, so none of it is stored without the rest.
+        idempotency record and the response the question asks are written in
+        the same transaction, so none of it is stored without the rest.
         """
         drafts = [_draft(item.role, item.content, "answered") for item in context]
         if retry_message_pk is None:
@@ -472,9 +472,14 @@ class PostgresStore(PoolQueries):
                     raise IdempotencyInProgress(
                         "the request with this Idempotency-Key was already made"
                     )
-            if response_pk is not None:
+            if response is not None:
                 await connection.execute(
-                    "UPDATE responses SET question_pk = $2 WHERE pk = $1", response_pk, question.pk
+                    "INSERT INTO responses (id, api_key_id, session_pk, question_pk, created_at,"
+                    " model, output_message_id, body, continued, incomplete)"
+                    " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+                    response.id, response.api_key_id, response.session_pk, question.pk,
+                    response.created_at, response.model, response.output_message_id,
+                    response.body, response.continued, response.incomplete,
                 )
         return question
 
@@ -600,16 +605,6 @@ class PostgresStore(PoolQueries):
         await self._execute(sql, *args)
 
     # -- responses of the OpenAI face ------------------------------------------------------
-
-    async def create_response(self, row: ResponseRow) -> ResponseRow:
-        pk = await self._fetchval(
-            "INSERT INTO responses (id, api_key_id, session_pk, created_at, model,"
-            " output_message_id, body, continued, incomplete)"
-            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING pk",
-            row.id, row.api_key_id, row.session_pk, row.created_at, row.model,
-            row.output_message_id, row.body, row.continued, row.incomplete,
-        )
-        return dataclasses.replace(row, pk=int(pk))
 
     async def get_response(self, api_key_id: int, response_id: str) -> ResponseRow | None:
         """The response with its question and answer as they are now: one statement."""

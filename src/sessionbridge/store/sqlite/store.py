@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import os
 import sqlite3
@@ -664,7 +663,7 @@ class SqliteStore:
         retry_message_pk: int | None = None,
         idempotency: IdempotencyStart | None = None,
         context: Sequence[ContextMessage] = (),
-        response_pk: int | None = None,
+        response: ResponseRow | None = None,
     ) -> Message:
         """Store the user message as pending (or take a failed one up again)."""
 
@@ -688,10 +687,8 @@ class SqliteStore:
                 message = self._retake_message(db, session_pk, retry_message_pk)
             if idempotency is not None:
                 self._record_idempotency(db, session_pk, message.pk, idempotency)
-            if response_pk is not None:
-                db.execute(
-                    "UPDATE responses SET question_pk = ? WHERE pk = ?", (message.pk, response_pk)
-                )
+            if response is not None:
+                self._insert_response(db, response, message.pk)
             return message
 
         message = await self._writer.run(write)
@@ -790,14 +787,15 @@ class SqliteStore:
 
     # -- responses of the OpenAI face ------------------------------------------------------
 
-    async def create_response(self, row: ResponseRow) -> ResponseRow:
-        rows = await self._write(
-            "INSERT INTO responses (id, api_key_id, session_pk, created_at, model,"
-            " output_message_id, body) VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING pk",
-            (row.id, row.api_key_id, row.session_pk, row.created_at, row.model,
-             row.output_message_id, row.body),
+    @staticmethod
+    def _insert_response(db: sqlite3.Connection, row: ResponseRow, question_pk: int) -> None:
+        db.execute(
+            "INSERT INTO responses (id, api_key_id, session_pk, question_pk, created_at, model,"
+            " output_message_id, body, continued, incomplete)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (row.id, row.api_key_id, row.session_pk, question_pk, row.created_at, row.model,
+             row.output_message_id, row.body, row.continued, row.incomplete),
         )
-        return dataclasses.replace(row, pk=rows[0][0])
 
     async def _response(self, where: str, params: tuple[Any, ...]) -> ResponseRow | None:
         found = await self._fetchone(
