@@ -763,22 +763,22 @@ async def test_added_since_answer_lists_what_came_after_the_last_answer_of_a_tur
 ) -> None:
     _key, session = await key_and_session(store)
     await answered_turn(store, session, "q0", "a0")
-    assert await store.added_since_answer(session.pk, 1) == []
+    assert await store.added_since_answer(session.pk, 64) == []
     await store.add_items(
         session.pk, [ContextMessage("user", "item"), ContextMessage("assistant", "given")]
     )
     lost = await store.begin_turn(session.pk, "lost")
     await store.fail_turn(session.pk, lost.pk)
 
-    added = await store.added_since_answer(session.pk, 1)
+    added = await store.added_since_answer(session.pk, 64)
 
     assert [(m.seq, m.role, m.content) for m in added] == [
         (3, "user", "item"), (4, "assistant", "given")]
     assert added == [m for m in await store.answered_since(session.pk, 1) if m.seq > 2]
-    # No answer of a turn from the seq on: everything answered from there.
-    assert [m.content for m in await store.added_since_answer(session.pk, 4)] == ["given"]
+    # No answer of a turn among the last places (seq 4 and 5): everything answered there.
+    assert [m.content for m in await store.added_since_answer(session.pk, 2)] == ["given"]
     await answered_turn(store, session, "q1", "a1")
-    assert await store.added_since_answer(session.pk, 1) == []
+    assert await store.added_since_answer(session.pk, 64) == []
 
 
 async def test_history_joins_the_user_messages_before_an_answer_into_one_turn(

@@ -20,11 +20,13 @@ from aiohttp.test_utils import TestServer
 from pytest_aiohttp import AiohttpServer
 
 from sessionbridge.config import TokenRange
+from sessionbridge.records import ChatSession
 from sessionbridge.reference.openai_server import (
     OpenAIReferenceState,
     create_openai_reference_app,
 )
 from sessionbridge.reference.seed_server import DevServerState
+from sessionbridge.web.appkeys import STORE
 from tests.conftest import Api, MakeApi
 from tests.doubles import HANG_TIMEOUT, wait_until
 
@@ -349,6 +351,37 @@ async def test_a_conversation_holds_its_items_and_its_responses(face: Face) -> N
     assert [m.get("ai_session") for m in stored if m["role"] == "assistant"][-1] in (
         "reused", "recovered"
     )
+
+
+async def test_a_response_in_a_conversation_reads_no_session_row_yet_sees_added_items(
+    face: Face, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    conversation = await face.sdk.conversations.create()
+    await face.sdk.responses.create(model="any", input="First.", conversation=conversation.id)
+    store = face.api.app[STORE]
+    reads: list[str] = []
+    read_session = store.get_session
+
+    async def counted(api_key_id: int, session_id: str) -> ChatSession | None:
+        reads.append(session_id)
+        return await read_session(api_key_id, session_id)
+
+    monkeypatch.setattr(store, "get_session", counted)
+
+    await face.sdk.conversations.items.create(
+        conversation.id, items=[{"type": "message", "role": "user", "content": "I like tea."}]
+    )
+    reads.clear()  # adding items reads the conversation; a response need not
+    later = await face.sdk.responses.create(
+        model="any", input="What do I like?", conversation=conversation.id
+    )
+
+    assert reads == []
+    if face.flavor == "seed":
+        # The item added since the last answer reaches the AI server before the question.
+        assert repr("I like tea.\n\nWhat do I like?") in later.output_text
+    items = [i async for i in face.sdk.conversations.items.list(conversation.id, order="asc")]
+    assert [i.role for i in items] == ["user", "assistant", "user", "user", "assistant"]
 
 
 async def test_conversation_items_page_and_delete(face: Face) -> None:

@@ -91,6 +91,14 @@ class Conversations:
 
     # -- the session row cache ---------------------------------------------------------
 
+    async def session(self, key: ApiKey, session_id: str) -> ChatSession:
+        """The key's session as its turns see it: its cached row, else read (NotFound if none).
+
+        Right for what turns change (the AI session, the scenario); its
+        counters may lag behind the database.
+        """
+        return await self._rows.get(key, session_id)
+
     def forget(self, session_id: str) -> None:
         """Drop a deleted session's cached row."""
         self._rows.forget(session_id)

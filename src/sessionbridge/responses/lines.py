@@ -19,6 +19,7 @@ from then on.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from .. import jsoncodec
@@ -66,8 +67,12 @@ def instructions_of(request: ResponseRequest) -> str | None:
     return USER_JOIN.join(parts) if parts else None
 
 
+# A session as turns see it (Conversations.session): a cached row, its counters maybe behind.
+SessionOf = Callable[[ApiKey, str], Awaitable[ChatSession]]
+
+
 async def choose_line(
-    store: Store, key: ApiKey, request: ResponseRequest, max_tokens: int
+    store: Store, session_of: SessionOf, key: ApiKey, request: ResponseRequest, max_tokens: int
 ) -> Line:
     instructions = instructions_of(request)
     if request.conversation_id is not None:
@@ -75,9 +80,11 @@ async def choose_line(
             raise Unsupported(
                 "a response that is not stored cannot be added to a conversation", param="store"
             )
-        session = await store.get_session(key.id, request.conversation_id)
-        if session is None:
-            raise NotFound(f"no conversation {request.conversation_id}")
+        # No read when its turns keep it cached: nothing here needs its counters.
+        try:
+            session = await session_of(key, request.conversation_id)
+        except NotFound:
+            raise NotFound(f"no conversation {request.conversation_id}") from None
         return Line(session, conversation_id=session.id)
     if request.previous_response_id is not None:
         return await _continue(store, key, request, instructions or "", max_tokens)
@@ -147,9 +154,7 @@ async def _since_last_answer(
     its AI session lacks it, so a new one is made from the history.
     """
     # After the last answer a turn gave, the AI server has seen nothing.
-    tail = await store.added_since_answer(
-        session.pk, max(1, session.message_count - TAIL_MESSAGES)
-    )
+    tail = await store.added_since_answer(session.pk, TAIL_MESSAGES)
     added = [ContextMessage(m.role, m.content) for m in tail]
     fresh = any(m.role == "assistant" for m in added)
     return added, fresh

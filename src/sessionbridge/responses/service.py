@@ -116,7 +116,9 @@ class Responses:
             if found is not None:
                 return found
         max_tokens = request.max_output_tokens or self._max_tokens
-        line = await choose_line(self._store, key, request, max_tokens)
+        line = await choose_line(
+            self._store, self._conversations.session, key, request, max_tokens
+        )
         try:
             plan = await plan_turn(self._store, request, line)
         except BaseException:

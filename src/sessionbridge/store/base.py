@@ -110,11 +110,13 @@ class Store(Protocol):
         """The session's answered messages (both roles) from ``from_seq`` on, oldest first."""
         ...
 
-    async def added_since_answer(self, session_pk: int, from_seq: int) -> list[Message]:
-        """Of ``answered_since(from_seq)``, those after the last answer a turn gave.
+    async def added_since_answer(self, session_pk: int, within: int) -> list[Message]:
+        """Of the session's last ``within`` places (by seq), the answered messages
+        after the last answer a turn gave.
 
         A turn's answer is an assistant message with its ``ai_session``; what
-        follows it was added as items since (none, most often).
+        follows it was added as items since (none, most often). The bound is
+        read from the session's row in the same statement.
         """
         ...
 

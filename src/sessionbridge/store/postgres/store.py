@@ -316,13 +316,15 @@ class PostgresStore(PoolQueries):
         )
         return [q.message(row) for row in rows]
 
-    async def added_since_answer(self, session_pk: int, from_seq: int) -> list[Message]:
+    async def added_since_answer(self, session_pk: int, within: int) -> list[Message]:
         rows = await self._fetch(
-            f"SELECT {q.MESSAGE_COLUMNS} FROM messages WHERE session_pk = $1 AND seq >= $2"
-            " AND status = 'answered' AND seq > coalesce((SELECT seq FROM messages"
-            "  WHERE session_pk = $1 AND seq >= $2 AND status = 'answered' AND role = 'assistant'"
-            "  AND ai_session IS NOT NULL ORDER BY seq DESC LIMIT 1), 0) ORDER BY seq",
-            session_pk, from_seq,
+            "WITH low AS (SELECT last_seq - $2 AS seq FROM chat_sessions WHERE pk = $1)"
+            f" SELECT {q.MESSAGE_COLUMNS} FROM messages WHERE session_pk = $1"
+            " AND seq > (SELECT seq FROM low) AND status = 'answered' AND seq > coalesce(("
+            "  SELECT seq FROM messages WHERE session_pk = $1 AND seq > (SELECT seq FROM low)"
+            "  AND status = 'answered' AND role = 'assistant' AND ai_session IS NOT NULL"
+            "  ORDER BY seq DESC LIMIT 1), 0) ORDER BY seq",
+            session_pk, within,
         )
         return [q.message(row) for row in rows]
 

@@ -493,15 +493,17 @@ class SqliteStore:
         )
         return [_message(row) for row in rows]
 
-    async def added_since_answer(self, session_pk: int, from_seq: int) -> list[Message]:
+    async def added_since_answer(self, session_pk: int, within: int) -> list[Message]:
         # The last answer is found by the index, newest first: most often it is
         # the session's last message, and nothing is read after it.
         rows = await self._read_here(
-            f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE session_pk = ? AND seq >= ?"
-            " AND status = 'answered' AND seq > coalesce((SELECT seq FROM messages"
-            "  WHERE session_pk = ? AND seq >= ? AND status = 'answered' AND role = 'assistant'"
-            "  AND ai_session IS NOT NULL ORDER BY seq DESC LIMIT 1), 0) ORDER BY seq",
-            (session_pk, from_seq, session_pk, from_seq),
+            f"WITH low(seq) AS (SELECT last_seq - ? FROM chat_sessions WHERE pk = ?)"
+            f" SELECT {_MESSAGE_COLUMNS} FROM messages WHERE session_pk = ?"
+            " AND seq > (SELECT seq FROM low) AND status = 'answered' AND seq > coalesce(("
+            "  SELECT seq FROM messages WHERE session_pk = ? AND seq > (SELECT seq FROM low)"
+            "  AND status = 'answered' AND role = 'assistant' AND ai_session IS NOT NULL"
+            "  ORDER BY seq DESC LIMIT 1), 0) ORDER BY seq",
+            (within, session_pk, session_pk, session_pk),
         )
         return [_message(row) for row in rows]
 
