@@ -311,6 +311,58 @@ async def test_ended_responses_are_counted_by_the_status_they_are_stored_with(
     assert again.model_dump() == completed.model_dump()  # the answer built from memory
 
 
+async def session_count(face: Face) -> int:
+    listed = await face.api.request("GET", "/v1/sessions")
+    return len((await listed.json())["sessions"])
+
+
+async def test_a_failed_response_is_stored_failed_counted_and_gives_its_line_back(
+    face: Face,
+) -> None:
+    first = await face.sdk.responses.create(model="any", input="Hello")
+    face.upstream.fail_next = [500] * 3
+
+    with pytest.raises(openai.APIStatusError) as failed:
+        await face.sdk.responses.create(
+            model="any", input="Again?", previous_response_id=first.id
+        )
+
+    face.upstream.fail_next = []
+    assert failed.value.status_code == 502
+    counted = await responses_counted(face)
+    assert (counted["completed"], counted["failed"]) == (1.0, 1.0)
+    stored = await face.api.messages(await only_session(face))
+    assert [(m["content"], m["status"]) for m in stored] == [
+        ("Hello", "answered"), (first.output_text, "answered"), ("Again?", "failed")]
+    # Its claim on the line was given back: the next continuation goes on in
+    # the same session rather than branching into a copy of it.
+    later = await face.sdk.responses.create(
+        model="any", input="Once more?", previous_response_id=first.id
+    )
+    assert later.status == "completed" and await session_count(face) == 1
+
+
+async def only_session(face: Face) -> str:
+    listed = await face.api.request("GET", "/v1/sessions")
+    (session,) = (await listed.json())["sessions"]
+    return str(session["id"])
+
+
+async def test_a_response_refused_before_its_question_is_stored_leaves_nothing(
+    face: Face,
+) -> None:
+    if face.flavor != "openai":
+        pytest.skip("the context budget is checked before a turn on OpenAI-compatible servers")
+    # Too long for the context whatever is cut: refused before its question is stored.
+    with pytest.raises(openai.BadRequestError) as refused:
+        await face.sdk.responses.create(model="any", input="word " * 2_500)
+
+    assert "over the AI server's context" in refused.value.message
+    assert await session_count(face) == 0
+    assert await responses_counted(face) == {
+        "completed": 0.0, "incomplete": 0.0, "failed": 0.0, "cancelled": 0.0}
+
+
 # -- conversations --------------------------------------------------------------------------
 
 

@@ -190,7 +190,13 @@ class Conversations:
         return await asyncio.shield(turn.outcome)
 
     async def answer_here(
-        self, key: ApiKey, session_id: str, content: str, max_tokens: int | None
+        self,
+        key: ApiKey,
+        session_id: str,
+        content: str,
+        max_tokens: int | None,
+        *,
+        options: TurnOptions = NO_OPTIONS,
     ) -> TurnResult:
         """Answer one message in the caller's own task: no task, no wait on another.
 
@@ -206,7 +212,9 @@ class Conversations:
         turn = Turn(TurnEvents(), asyncio.get_running_loop().create_future(), task=task)
         self._here[task] = turn
         try:
-            await self._run_turn(Ask(key, session_id, content, max_tokens), turn, None)
+            await self._run_turn(
+                Ask(key, session_id, content, max_tokens, options=options), turn, None
+            )
         except asyncio.CancelledError:
             # Cut off by a client's cancel or by the shutdown: the turn has
             # recorded its failure, which is this caller's answer. Any other

@@ -115,6 +115,53 @@ class Responses:
             found = await self._idempotent(key, idempotency_key, fingerprint, request.stream)
             if found is not None:
                 return found
+        line, question, row, options = await self._prepare(key, request)
+        try:
+            turn = await self._conversations.begin(
+                key, line.session.id, question, request.max_output_tokens,
+                idempotency_key, follow_running=request.stream, fingerprint=fingerprint,
+                options=options,
+            )
+        except BaseException:
+            await self._undo(line)
+            raise
+        if idempotency_key is not None and turn.question is not None:
+            mine = await self._store.response_for_question(turn.question.pk)
+            if mine is not None and mine.id != row.id:
+                # An identical request ran first: this one follows it.
+                await self._undo(line)
+                return Started(mine, turn)
+        turn.outcome.add_done_callback(lambda done: self._settled(done, line, row))
+        return Started(row, turn, line)
+
+    async def answer(self, key: ApiKey, request: ResponseRequest) -> ResponseRow:
+        """A response answered in the caller's own task: its row as it ended (a failure raises).
+
+        For a request that neither streams, runs in the background nor
+        carries an Idempotency-Key, from a caller whose task is not
+        cancelled when its client goes away (the web server's handlers): no
+        task and no futures of its own (``Conversations.answer_here``).
+        """
+        line, question, row, options = await self._prepare(key, request)
+        try:
+            result = await self._conversations.answer_here(
+                key, line.session.id, question, request.max_output_tokens, options=options
+            )
+        except BaseException as exc:
+            await self._failed(line, row, exc)
+            raise
+        finally:
+            if line.temporary:
+                await self._drop(line)
+        self._count_response("incomplete" if result.truncated else "completed")
+        return dataclasses.replace(
+            row, question=result.user_message, answer=result.reply, incomplete=result.truncated
+        )
+
+    async def _prepare(
+        self, key: ApiKey, request: ResponseRequest
+    ) -> tuple[Line, str, ResponseRow, TurnOptions]:
+        """The line a new response goes on, its question, its row and its turn's options."""
         max_tokens = request.max_output_tokens or self._max_tokens
         line = await choose_line(
             self._store, self._conversations.session, key, request, max_tokens
@@ -142,23 +189,22 @@ class Responses:
             # A chain and its branches stay where its cache is (docs/ai-servers.md).
             affinity_key=request.prompt_cache_key or _chain_key(line, row),
         )
-        try:
-            turn = await self._conversations.begin(
-                key, line.session.id, plan.question, request.max_output_tokens,
-                idempotency_key, follow_running=request.stream, fingerprint=fingerprint,
-                options=options,
-            )
-        except BaseException:
-            await self._undo(line)
-            raise
-        if idempotency_key is not None and turn.question is not None:
-            mine = await self._store.response_for_question(turn.question.pk)
-            if mine is not None and mine.id != row.id:
-                # An identical request ran first: this one follows it.
+        return line, plan.question, row, options
+
+    async def _failed(self, line: Line, row: ResponseRow, error: BaseException) -> None:
+        """After a response answered here failed: undone if refused, else counted as stored."""
+        with contextlib.suppress(Exception):
+            # The row is stored with its question: none, and nothing was stored.
+            if await self._store.get_response(row.api_key_id, row.id) is None:
                 await self._undo(line)
-                return Started(mine, turn)
-        turn.outcome.add_done_callback(lambda done: self._settled(done, line, row))
-        return Started(row, turn, line)
+                return
+            if line.claimed is not None:
+                await self._store.release_continuation(line.claimed.pk)
+            if isinstance(error, asyncio.CancelledError):
+                await self._count_end(row)
+            else:
+                cancelled = getattr(error, "code", None) == "cancelled"
+                self._count_response("cancelled" if cancelled else "failed")
 
     def _new_row(
         self, key: ApiKey, request: ResponseRequest, line: Line, context_count: int
@@ -260,6 +306,9 @@ class Responses:
         if started.turn is not None:
             with contextlib.suppress(Exception):
                 await asyncio.shield(started.turn.outcome)
+        await self._drop(line)
+
+    async def _drop(self, line: Line) -> None:
         with contextlib.suppress(Exception):
             await self._store.delete_session(line.session.api_key_id, line.session.id)
             await self._conversations.deleted(line.session)

@@ -109,6 +109,10 @@ async def create_response(request: web.Request) -> web.StreamResponse:
     ask = parse_response_request(body, _limits(request))
     idempotency_key = _idempotency_key(request)
     service = request.app[RESPONSES]
+    if not (ask.stream or ask.background or idempotency_key is not None):
+        # Answered in this handler's task (not cancelled when its client goes away).
+        row = await service.answer(_key(request), ask)
+        return json_response(response_object(record_of(row)))
     started = await service.create(
         _key(request), ask, idempotency_key=idempotency_key,
         fingerprint=fingerprint(body) if idempotency_key is not None else None,
