@@ -311,9 +311,10 @@ async def test_ended_responses_are_counted_by_the_status_they_are_stored_with(
     assert again.model_dump() == completed.model_dump()  # the answer built from memory
 
 
-async def session_count(face: Face) -> int:
+async def sessions_listed(face: Face) -> list[dict[str, Any]]:
     listed = await face.api.request("GET", "/v1/sessions")
-    return len((await listed.json())["sessions"])
+    sessions: list[dict[str, Any]] = (await listed.json())["sessions"]
+    return sessions
 
 
 async def test_a_failed_response_is_stored_failed_counted_and_gives_its_line_back(
@@ -331,7 +332,8 @@ async def test_a_failed_response_is_stored_failed_counted_and_gives_its_line_bac
     assert failed.value.status_code == 502
     counted = await responses_counted(face)
     assert (counted["completed"], counted["failed"]) == (1.0, 1.0)
-    stored = await face.api.messages(await only_session(face))
+    (session,) = await sessions_listed(face)
+    stored = await face.api.messages(session["id"])
     assert [(m["content"], m["status"]) for m in stored] == [
         ("Hello", "answered"), (first.output_text, "answered"), ("Again?", "failed")]
     # Its claim on the line was given back: the next continuation goes on in
@@ -339,13 +341,7 @@ async def test_a_failed_response_is_stored_failed_counted_and_gives_its_line_bac
     later = await face.sdk.responses.create(
         model="any", input="Once more?", previous_response_id=first.id
     )
-    assert later.status == "completed" and await session_count(face) == 1
-
-
-async def only_session(face: Face) -> str:
-    listed = await face.api.request("GET", "/v1/sessions")
-    (session,) = (await listed.json())["sessions"]
-    return str(session["id"])
+    assert later.status == "completed" and len(await sessions_listed(face)) == 1
 
 
 async def test_a_response_refused_before_its_question_is_stored_leaves_nothing(
@@ -358,7 +354,7 @@ async def test_a_response_refused_before_its_question_is_stored_leaves_nothing(
         await face.sdk.responses.create(model="any", input="word " * 2_500)
 
     assert "over the AI server's context" in refused.value.message
-    assert await session_count(face) == 0
+    assert len(await sessions_listed(face)) == 0
     assert await responses_counted(face) == {
         "completed": 0.0, "incomplete": 0.0, "failed": 0.0, "cancelled": 0.0}
 

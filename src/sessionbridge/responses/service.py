@@ -153,10 +153,8 @@ class Responses:
         finally:
             if line.temporary:
                 await self._drop(line)
-        self._count_response("incomplete" if result.truncated else "completed")
-        return dataclasses.replace(
-            row, question=result.user_message, answer=result.reply, incomplete=result.truncated
-        )
+        self._count_response(result_status(result))
+        return answered(row, result)
 
     async def _prepare(
         self, key: ApiKey, request: ResponseRequest
@@ -203,8 +201,7 @@ class Responses:
             if isinstance(error, asyncio.CancelledError):
                 await self._count_end(row)
             else:
-                cancelled = getattr(error, "code", None) == "cancelled"
-                self._count_response("cancelled" if cancelled else "failed")
+                self._count_response(error_status(error))
 
     def _new_row(
         self, key: ApiKey, request: ResponseRequest, line: Line, context_count: int
@@ -284,11 +281,7 @@ class Responses:
             return None
         if turn.outcome.cancelled() or turn.outcome.exception() is not None:
             return None
-        result: TurnResult = turn.outcome.result()
-        return dataclasses.replace(
-            started.row, question=result.user_message, answer=result.reply,
-            incomplete=result.truncated,
-        )
+        return answered(started.row, turn.outcome.result())
 
     async def _undo(self, line: Line) -> None:
         """A response refused before its question was stored leaves nothing behind."""
@@ -406,11 +399,24 @@ def record_of(row: ResponseRow) -> ResponseRecord:
     )
 
 
+def answered(row: ResponseRow, result: TurnResult) -> ResponseRow:
+    """``row`` as its turn answered it: what reading it back would give, without the reads."""
+    return dataclasses.replace(
+        row, question=result.user_message, answer=result.reply, incomplete=result.truncated
+    )
+
+
 def ended_status(outcome: asyncio.Future[Any]) -> ResponseStatus:
     """The status of a response whose turn ended with ``outcome`` (not cancelled)."""
     error = outcome.exception()
-    if error is None:
-        return "incomplete" if outcome.result().truncated else "completed"
+    return result_status(outcome.result()) if error is None else error_status(error)
+
+
+def result_status(result: TurnResult) -> ResponseStatus:
+    return "incomplete" if result.truncated else "completed"
+
+
+def error_status(error: BaseException) -> ResponseStatus:
     return "cancelled" if getattr(error, "code", None) == "cancelled" else "failed"
 
 
