@@ -8,6 +8,9 @@
 its own ``asyncio.run`` (the bridge's ``serve``) or ``web.run_app`` (the
 passthrough) makes a uvloop loop; ``asyncio`` leaves the default loop.
 
+``--without PART[,PART]`` takes parts of a turn out of the bridge before it
+starts (bench/without.py: ``writes``, ``metrics``), to measure what each costs.
+
 ``--cprofile OUT`` makes the process profile itself on signals, so that only
 the measured window is profiled (not imports, migrations or shutdown):
 SIGUSR1 starts cProfile, SIGUSR2 stops it and writes the statistics to OUT
@@ -88,7 +91,7 @@ def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
         if arg == "-m" or not arg.startswith("-"):
             # An option's value (--loop uvloop) does not start the program.
             if index and argv[index - 1] in ("--loop", "--cprofile", "--gc-stats",
-                                             "--gc-threshold"):
+                                             "--gc-threshold", "--without"):
                 continue
             return argv[:index], argv[index:]
     return argv, []
@@ -141,13 +144,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         prog="bench/launch.py", description=__doc__.split("\n\n")[0],
         usage="%(prog)s [--loop LOOP] [--cprofile OUT] [--gc-stats OUT] [--gc-threshold N]"
-        " [--gc-freeze] (-m MODULE | SCRIPT) [ARGS ...]",
+        " [--gc-freeze] [--without PART,...] (-m MODULE | SCRIPT) [ARGS ...]",
     )
     parser.add_argument("--loop", choices=LOOPS, default="asyncio")
     parser.add_argument("--cprofile", type=Path, metavar="OUT")
     parser.add_argument("--gc-stats", type=Path, metavar="OUT")
     parser.add_argument("--gc-threshold", metavar="N[,N1,N2]")
     parser.add_argument("--gc-freeze", action="store_true")
+    parser.add_argument("--without", metavar="PART,...")
     own, program = split_argv(sys.argv[1:])
     args = parser.parse_args(own)
     if not program or program == ["-m"]:
@@ -162,6 +166,10 @@ def main() -> None:
         gc.set_threshold(*thresholds, *gc.get_threshold()[len(thresholds):])
     if args.gc_freeze:
         signal.signal(GC_FREEZE_SIGNAL, lambda signum, frame: gc.freeze())
+    if args.without:
+        from without import take_out
+
+        take_out(args.without)
     if program[0] == "-m":
         module, *rest = program[1:]
         sys.argv = [module, *rest]

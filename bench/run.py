@@ -67,6 +67,7 @@ import real_model
 import replicas
 import responses
 import several
+import turn_parts
 from client import SetupError
 from loadgen import LoadGenerator
 from procs import Processes, StartError
@@ -76,6 +77,7 @@ REPO = BENCH_DIR.parent
 PHASES: dict[str, Callable[[phases.Context], Coroutine[Any, Any, dict[str, Any]]]] = {
     "throughput": phases.throughput,
     "profile": profiling.phase,
+    "parts": turn_parts.phase,
     "scale": phases.scale,
     "slow": phases.slow,
     "memory": phases.memory,
@@ -340,6 +342,8 @@ def print_report(report: dict[str, Any]) -> None:
         for line in profiling.summary(profile):
             print(line)
         print()
+    if "parts" in report:
+        turn_parts.print_report(report["parts"])
     scale = report.get("scale")
     if scale:
         print("Scale (1 client, fresh sessions on a seeded database; medians)")

@@ -13,6 +13,10 @@ per turn (whole process and its loop thread), medians of the runs. The faces
 are the sessions API's POST and ``POST /v1/responses`` in a conversation, as
 in the throughput part. Each checkout must hold its migrations beside its
 ``src`` (a worktree does).
+
+A version may be a bridge with parts of its turn taken out
+(``name=SRC~writes,metrics``: bench/without.py), as ``make bench``'s parts
+part does, to see what a change does to a part's cost.
 """
 
 from __future__ import annotations
@@ -52,10 +56,13 @@ async def compare(versions: list[tuple[str, str]]) -> None:
     try:
         ai = procs.devserver("ai", 0)
         targets: dict[str, Target] = {}
-        for name, src in versions:
+        for name, source in versions:
+            src, _, parts = source.partition("~")
             # The bridge, its key command and nothing else run from this checkout.
             os.environ["PYTHONPATH"] = str(Path(src).resolve())
-            bridge, token = fresh_bridge(ctx, f"bridge-{name}", ai)
+            bridge, token = fresh_bridge(
+                ctx, f"bridge-{name}", ai, launch_options=["--without", parts] if parts else None
+            )
             if "sessions" in FACES:
                 ids, _ = await ready_sessions(bridge, token, SESSIONS)
                 paths = write_paths(work / f"paths-{name}.txt", ids)
