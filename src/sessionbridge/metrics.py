@@ -16,6 +16,7 @@ from collections.abc import Iterable, Sequence
 
 from prometheus_client import CollectorRegistry, Gauge, disable_created_metrics
 from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from .records import Usage
@@ -28,16 +29,30 @@ _LATENCY_BUCKETS = (
 Labels = tuple[str, ...]
 
 
-class Counters:
+class _Family(Collector):
+    """A metric family the registry reads at each scrape: its name, help and label names."""
+
+    def __init__(
+        self, name: str, documentation: str, labelnames: Sequence[str],
+        registry: CollectorRegistry,
+    ) -> None:
+        self._name, self._documentation, self._labelnames = name, documentation, labelnames
+        registry.register(self)
+
+    def describe(self) -> Iterable[Metric]:
+        # The registry reads the names once, at registration, to refuse duplicates.
+        return self.collect()
+
+
+class Counters(_Family):
     """A counter with labels: a number per label set, counted on the event loop."""
 
     def __init__(
         self, name: str, documentation: str, labelnames: Sequence[str],
         registry: CollectorRegistry, initial: Iterable[Labels] = (),
     ) -> None:
-        self._name, self._documentation, self._labelnames = name, documentation, labelnames
         self._values: dict[Labels, float] = {labels: 0.0 for labels in initial}
-        registry.register(self)
+        super().__init__(name, documentation, labelnames, registry)
 
     def inc(self, labels: Labels = (), amount: float = 1.0) -> None:
         if amount < 0:
@@ -45,34 +60,27 @@ class Counters:
         values = self._values
         values[labels] = values.get(labels, 0.0) + amount
 
-    def _family(self) -> CounterMetricFamily:
-        return CounterMetricFamily(self._name, self._documentation, labels=self._labelnames)
-
-    def describe(self) -> list[Metric]:
-        return [self._family()]
-
     def collect(self) -> list[Metric]:
-        family = self._family()
+        family = CounterMetricFamily(self._name, self._documentation, labels=self._labelnames)
         for labels, value in list(self._values.items()):
             family.add_metric(labels, value)
         return [family]
 
 
-class Histograms:
+class Histograms(_Family):
     """A histogram with labels: per label set, a count per bucket and the sum."""
 
     def __init__(
         self, name: str, documentation: str, labelnames: Sequence[str],
         buckets: Sequence[float], registry: CollectorRegistry,
     ) -> None:
-        self._name, self._documentation, self._labelnames = name, documentation, labelnames
         self._bounds = tuple(float(bound) for bound in buckets)
         # The bounds as the library writes them ("1.0", "+Inf").
         self._le = [floatToGoString(bound) for bound in (*self._bounds, float("inf"))]  # type: ignore[no-untyped-call]
         # Per label set: the observations that fell in each bucket (the last
         # one +Inf), then their sum.
         self._series: dict[Labels, list[float]] = {}
-        registry.register(self)
+        super().__init__(name, documentation, labelnames, registry)
 
     def observe(self, labels: Labels, value: float) -> None:
         series = self._series.get(labels)
@@ -82,14 +90,8 @@ class Histograms:
         series[bisect_left(self._bounds, value)] += 1
         series[-1] += value
 
-    def _family(self) -> HistogramMetricFamily:
-        return HistogramMetricFamily(self._name, self._documentation, labels=self._labelnames)
-
-    def describe(self) -> list[Metric]:
-        return [self._family()]
-
     def collect(self) -> list[Metric]:
-        family = self._family()
+        family = HistogramMetricFamily(self._name, self._documentation, labels=self._labelnames)
         for labels, series in list(self._series.items()):
             total, buckets = 0.0, []
             for le, count in zip(self._le, series, strict=False):
