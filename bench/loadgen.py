@@ -69,6 +69,12 @@ def wrk_path() -> str | None:
     return shutil.which("wrk")
 
 
+def write_ids(path: Path, session_ids: list[str]) -> Path:
+    """One session id a line: what the passthrough is started with (its --sessions-file)."""
+    path.write_text("".join(sid + "\n" for sid in session_ids))
+    return path
+
+
 def write_paths(path: Path, session_ids: list[str]) -> Path:
     path.write_text("".join(f"/v1/sessions/{sid}/messages\n" for sid in session_ids))
     return path

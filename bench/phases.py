@@ -23,6 +23,7 @@ from loadgen import (
     LoadGenerator,
     LoadResult,
     median_result,
+    write_ids,
     write_paths,
     write_response_requests,
 )
@@ -174,8 +175,7 @@ async def throughput(ctx: Context) -> dict[str, Any]:
         bridge, token = fresh_bridge(ctx, f"bridge-{loop}", ai, loop=loop)
         rss_idle = bridge.rss_mb()
         session_ids, warm_kinds = await ready_sessions(bridge, token, plan.sessions)
-        ids_file = ctx.workdir / f"throughput-sessions-{loop}.txt"
-        ids_file.write_text("".join(sid + "\n" for sid in session_ids))
+        ids_file = write_ids(ctx.workdir / f"throughput-sessions-{loop}.txt", session_ids)
         # Same session ids on both targets, so both get byte-identical requests.
         passthrough = ctx.procs.passthrough(f"passthrough-{loop}", ai, ids_file, loop=loop)
         paths = write_paths(ctx.workdir / f"throughput-paths-{loop}.txt", session_ids)
@@ -411,8 +411,7 @@ async def slow(ctx: Context) -> dict[str, Any]:
     ctx.procs.stop(bridge)
     # The same client and AI server through the passthrough: what this machine
     # and this client cost anyway, so the bridge's own share can be told apart.
-    ids_file = ctx.workdir / "slow-sessions.txt"
-    ids_file.write_text("".join(sid + "\n" for sid in session_ids))
+    ids_file = write_ids(ctx.workdir / "slow-sessions.txt", session_ids)
     passthrough = ctx.procs.passthrough("passthrough-slow", ai, ids_file)
     passthrough_run = await _conversations(passthrough, ai, token, session_ids, plan)
     for server in (passthrough, ai):

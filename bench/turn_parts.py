@@ -14,10 +14,9 @@ record, JSON both ways).
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
-from loadgen import LoadResult, median_result, write_paths
+from loadgen import LoadResult, median_result, write_ids, write_paths
 from phases import (
     CONCURRENCY_LEVELS,
     DEFAULT_LOOP,
@@ -42,7 +41,7 @@ TAKEN_OUT = {
 async def phase(ctx: Context) -> dict[str, Any]:
     ai = ctx.procs.devserver("ai", delay=0)
     targets: dict[str, Target] = {}
-    first: tuple[list[str], Path, str] | None = None
+    whole_ids: list[str] = []
     for name, parts in TAKEN_OUT.items():
         # Every bridge and the passthrough through bench/launch.py, alike.
         bridge, token = fresh_bridge(
@@ -52,15 +51,13 @@ async def phase(ctx: Context) -> dict[str, Any]:
         session_ids, _ = await ready_sessions(bridge, token, ctx.plan.sessions)
         paths = write_paths(ctx.workdir / f"parts-paths-{len(targets)}.txt", session_ids)
         targets[name] = Target(bridge, paths, token)
-        if first is None:
-            first = session_ids, paths, token
-    assert first is not None
-    session_ids, paths, token = first
-    ids_file = ctx.workdir / "parts-sessions.txt"
-    ids_file.write_text("".join(sid + "\n" for sid in session_ids))
+        if name == WHOLE:
+            whole_ids = session_ids
     # The whole bridge's sessions and requests, byte for byte.
+    ids_file = write_ids(ctx.workdir / "parts-sessions.txt", whole_ids)
     passthrough = ctx.procs.passthrough("parts-passthrough", ai, ids_file, loop=DEFAULT_LOOP)
-    targets[PASSTHROUGH] = Target(passthrough, paths, token)
+    whole = targets[WHOLE]
+    targets[PASSTHROUGH] = Target(passthrough, whole.paths, whole.token)
     runs = await alternate(ctx, targets, ai)
     return {"levels": {str(level): figures(runs, level) for level in CONCURRENCY_LEVELS}}
 
